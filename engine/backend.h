@@ -1,0 +1,74 @@
+// The Backend interface: every computation a model needs, on one device. Models are written once
+// against it; the CPU backend always exists, the CUDA backend (and an Ascend slot) plug in here.
+//
+// Activations are float32 on the CPU; weights may be float32 or bfloat16. Every op takes whole
+// tensors plus the host-side batch description; strided access lives inside the kernels.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/forward_batch.h"
+#include "engine/kv_cache.h"
+#include "engine/tensor.h"
+
+namespace ftengine {
+
+struct RotaryArgs {
+  const std::vector<float>* inv_freq = nullptr;  // [rotary_dim / 2], scaling applied
+  int32_t rotary_dim = 0;
+  bool interleaved = false;  // Meta-checkpoint pair rotation instead of HF's rotate_half
+};
+
+struct AttentionShape {
+  int32_t num_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  float softmax_scale = 0.f;
+  bool causal = true;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+  virtual int num_threads() const = 0;
+
+  // Memory. from_host converts while copying (float32 or bfloat16 source, either storage type).
+  virtual Tensor empty(Shape shape, DType dtype) = 0;
+  virtual Tensor from_host(const void* data, Shape shape, DType source, DType stored) = 0;
+  virtual void to_host_f32(const Tensor& tensor, float* destination) = 0;
+  // Stacks same-dtype tensors along their first axis (fusing q/k/v or gate/up at load time).
+  virtual Tensor concat_rows(const std::vector<Tensor>& parts) = 0;
+  // The dtype activations and the KV cache are kept in on this backend.
+  virtual DType activation_dtype() const = 0;
+
+  // out[t] = table[ids[t]]
+  virtual void embedding(const Tensor& table, const std::vector<int32_t>& ids, Tensor& out) = 0;
+  // out = x · weightᵀ (+ bias); weight is [out_features, in_features] as in HF checkpoints.
+  virtual void linear(const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& out) = 0;
+  virtual void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
+  virtual void add_inplace(Tensor& x, const Tensor& y) = 0;
+  // gate_up = [gate | up] per row; out = silu(gate) * up.
+  virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
+  virtual void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) = 0;
+
+  // Rotates q (into q_out) and k of the fused qkv projection and writes k, v into the cache
+  // slots of batch.slot_mapping.
+  virtual void rotary_cache_write(const Tensor& qkv, const ForwardBatch& batch,
+                                  const AttentionShape& shape, const RotaryArgs& rotary,
+                                  Tensor& q_out, const LayerKvCache& cache) = 0;
+  // FastAttention over the paged cache for every sequence of the batch (prefill, chunked
+  // prefill and decode alike). lse may be null.
+  virtual void attention(const Tensor& q, const ForwardBatch& batch, const AttentionShape& shape,
+                         const LayerKvCache& cache, int32_t block_size, Tensor& out,
+                         Tensor* lse) = 0;
+};
+
+// The CPU backend; num_threads 0 uses every core.
+std::unique_ptr<Backend> make_cpu_backend(int num_threads);
+
+}  // namespace ftengine

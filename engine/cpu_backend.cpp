@@ -1,0 +1,245 @@
+// The CPU backend: float32 activations, OpenMP for row-parallel kernels, OpenBLAS for the matrix
+// products, and the CPU FastAttention kernel.
+#include <omp.h>
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "engine/backend.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/bfloat16.h"
+#include "kernels/cpu/blas.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/rotary.h"
+
+namespace ftengine {
+
+namespace {
+
+namespace kcpu = kernels::cpu;
+
+void require(bool condition, const std::string& message) {
+  if (!condition) throw std::invalid_argument(message);
+}
+
+void require_f32(const Tensor& tensor, const char* what) {
+  require(tensor.dtype() == DType::kFloat32,
+          std::string(what) + " must be float32 on the CPU, got " + tensor.describe());
+}
+
+// bfloat16 weights are widened panel by panel into a per-thread buffer and multiplied there, so
+// memory traffic stays that of bfloat16 (the wheel's OpenBLAS has no sbgemm). 64 rows of a
+// 4096-wide weight is 1 MiB of float32, about one L2.
+constexpr int64_t kBf16PanelRows = 64;
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int num_threads)
+      : num_threads_(num_threads > 0 ? num_threads : omp_get_num_procs()) {
+    omp_set_num_threads(num_threads_);
+    scipy_openblas_set_num_threads(num_threads_);
+  }
+
+  Device device() const override { return Device::kCpu; }
+  std::string name() const override { return "cpu"; }
+  int num_threads() const override { return num_threads_; }
+  DType activation_dtype() const override { return DType::kFloat32; }
+
+  Tensor empty(Shape shape, DType dtype) override {
+    return Tensor(std::move(shape), dtype, cpu_allocator());
+  }
+
+  Tensor from_host(const void* data, Shape shape, DType source, DType stored) override {
+    Tensor tensor(std::move(shape), stored, cpu_allocator());
+    const int64_t count = tensor.numel();
+    if (source == stored) {
+      std::copy_n(static_cast<const char*>(data), tensor.nbytes(), tensor.data<char>());
+    } else if (source == DType::kBFloat16 && stored == DType::kFloat32) {
+      kcpu::bf16_to_f32(static_cast<const uint16_t*>(data), count, tensor.data<float>());
+    } else if (source == DType::kFloat32 && stored == DType::kBFloat16) {
+      kcpu::f32_to_bf16(static_cast<const float*>(data), count, tensor.data<uint16_t>());
+    } else {
+      throw std::invalid_argument("cannot store " + dtype_name(source) + " data as " +
+                                  dtype_name(stored));
+    }
+    return tensor;
+  }
+
+  void to_host_f32(const Tensor& tensor, float* destination) override {
+    require_f32(tensor, "to_host_f32 source");
+    std::copy_n(tensor.data<float>(), tensor.numel(), destination);
+  }
+
+  Tensor concat_rows(const std::vector<Tensor>& parts) override {
+    require(!parts.empty(), "concat_rows needs at least one tensor");
+    Shape shape = parts.front().shape();
+    shape[0] = 0;
+    for (const Tensor& part : parts) {
+      require(part.dtype() == parts.front().dtype() && part.rank() == parts.front().rank(),
+              "concat_rows parts differ in dtype or rank");
+      shape[0] += part.dim(0);
+    }
+    Tensor stacked(shape, parts.front().dtype(), cpu_allocator());
+    char* destination = stacked.data<char>();
+    for (const Tensor& part : parts) {
+      destination = std::copy_n(part.data<char>(), part.nbytes(), destination);
+    }
+    return stacked;
+  }
+
+  void embedding(const Tensor& table, const std::vector<int32_t>& ids, Tensor& out) override {
+    require_f32(out, "embedding output");
+    const int64_t rows = static_cast<int64_t>(ids.size()), cols = table.dim(1);
+    require(out.numel() == rows * cols, "embedding output has the wrong size");
+    for (int32_t id : ids) {
+      require(id >= 0 && id < table.dim(0), "token id " + std::to_string(id) +
+                                                " is outside the vocabulary of " +
+                                                std::to_string(table.dim(0)));
+    }
+    if (table.dtype() == DType::kBFloat16) {
+      kcpu::embedding_bf16(table.data<uint16_t>(), ids.data(), rows, cols, out.data<float>());
+    } else {
+      require_f32(table, "embedding table");
+      kcpu::embedding_f32(table.data<float>(), ids.data(), rows, cols, out.data<float>());
+    }
+  }
+
+  void linear(const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& out) override {
+    require_f32(x, "linear input");
+    require_f32(out, "linear output");
+    const int64_t rows = x.dim(0), in_features = x.dim(1), out_features = weight.dim(0);
+    require(weight.dim(1) == in_features && out.dim(0) == rows && out.dim(1) == out_features,
+            "linear shapes disagree: x " + x.describe() + ", weight " + weight.describe() +
+                ", out " + out.describe());
+    if (weight.dtype() == DType::kBFloat16) {
+      linear_bf16(x, weight, out);
+    } else {
+      require_f32(weight, "linear weight");
+      kcpu::sgemm(false, true, rows, out_features, in_features, 1.f, x.data<float>(), in_features,
+                  weight.data<float>(), in_features, 0.f, out.data<float>(), out_features);
+    }
+    if (bias != nullptr) {
+      require_f32(*bias, "linear bias");
+      float* y = out.data<float>();
+      const float* b = bias->data<float>();
+#pragma omp parallel for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < out_features; ++c) y[r * out_features + c] += b[c];
+      }
+    }
+  }
+
+  void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
+    require_f32(x, "rmsnorm input");
+    require_f32(weight, "rmsnorm weight");
+    const int64_t cols = x.dim(-1);
+    kcpu::rmsnorm(x.data<float>(), weight.data<float>(), x.numel() / cols, cols, eps,
+                  out.data<float>());
+  }
+
+  void add_inplace(Tensor& x, const Tensor& y) override {
+    require(x.numel() == y.numel(), "add_inplace sizes differ");
+    kcpu::add_inplace(x.data<float>(), y.data<float>(), x.numel());
+  }
+
+  void silu_mul(const Tensor& gate_up, Tensor& out) override {
+    const int64_t cols = out.dim(-1);
+    kcpu::silu_mul(gate_up.data<float>(), gate_up.numel() / (2 * cols), cols, out.data<float>());
+  }
+
+  void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) override {
+    kcpu::gather_rows(x.data<float>(), rows.data(), static_cast<int64_t>(rows.size()), x.dim(-1),
+                      out.data<float>());
+  }
+
+  void rotary_cache_write(const Tensor& qkv, const ForwardBatch& batch,
+                          const AttentionShape& shape, const RotaryArgs& rotary, Tensor& q_out,
+                          const LayerKvCache& cache) override {
+    kcpu::RotaryCacheWriteParams p;
+    p.qkv = qkv.data<float>();
+    p.qkv_token_stride = qkv.dim(1);
+    p.q_out = q_out.data<float>();
+    p.k_cache = cache.k.data<float>();
+    p.v_cache = cache.v.data<float>();
+    p.block_size = static_cast<int32_t>(cache.k.dim(1));
+    p.kv_token_stride = cache.k.dim(2) * cache.k.dim(3);
+    p.kv_block_stride = p.block_size * p.kv_token_stride;
+    p.kv_head_stride = cache.k.dim(3);
+    p.slot_mapping = batch.slot_mapping.data();
+    p.positions = batch.positions.data();
+    p.inv_freq = rotary.inv_freq->data();
+    p.rotary_dim = rotary.rotary_dim;
+    p.interleaved = rotary.interleaved;
+    p.tokens = batch.num_tokens();
+    p.num_heads = shape.num_heads;
+    p.num_kv_heads = shape.num_kv_heads;
+    p.head_dim = shape.head_dim;
+    kcpu::rotary_cache_write(p);
+  }
+
+  void attention(const Tensor& q, const ForwardBatch& batch, const AttentionShape& shape,
+                 const LayerKvCache& cache, int32_t block_size, Tensor& out,
+                 Tensor* lse) override {
+    kcpu::AttentionParams p;
+    p.q = q.data<float>();
+    p.q_head_stride = shape.head_dim;
+    p.q_token_stride = static_cast<int64_t>(shape.num_heads) * shape.head_dim;
+    p.out = out.data<float>();
+    p.out_head_stride = p.q_head_stride;
+    p.out_token_stride = p.q_token_stride;
+    p.lse = lse != nullptr ? lse->data<float>() : nullptr;
+    p.k_cache = cache.k.data<float>();
+    p.v_cache = cache.v.data<float>();
+    p.kv_head_stride = shape.head_dim;
+    p.kv_token_stride = cache.k.dim(2) * shape.head_dim;
+    p.kv_block_stride = block_size * p.kv_token_stride;
+    p.block_size = block_size;
+    p.block_table = batch.block_table.data();
+    p.block_table_stride = batch.block_table_stride;
+    p.cu_seqlens_q = batch.cu_seqlens_q.data();
+    p.seqlens_kv = batch.seqlens_kv.data();
+    p.batch = batch.num_sequences();
+    p.num_heads = shape.num_heads;
+    p.num_kv_heads = shape.num_kv_heads;
+    p.head_dim = shape.head_dim;
+    p.softmax_scale = shape.softmax_scale;
+    p.causal = shape.causal;
+    p.num_threads = num_threads_;
+    kcpu::attention(p);
+  }
+
+ private:
+  void linear_bf16(const Tensor& x, const Tensor& weight, Tensor& out) {
+    const int64_t rows = x.dim(0), in_features = x.dim(1), out_features = weight.dim(0);
+    const uint16_t* w = weight.data<uint16_t>();
+    const float* input = x.data<float>();
+    float* output = out.data<float>();
+    const int64_t panels = (out_features + kBf16PanelRows - 1) / kBf16PanelRows;
+    kcpu::BlasThreadsScope single_thread(1);
+#pragma omp parallel
+    {
+      std::vector<float> panel(static_cast<size_t>(kBf16PanelRows * in_features));
+#pragma omp for schedule(static)
+      for (int64_t index = 0; index < panels; ++index) {
+        const int64_t first = index * kBf16PanelRows;
+        const int64_t count = std::min(kBf16PanelRows, out_features - first);
+        const uint16_t* source = w + first * in_features;
+        for (int64_t i = 0; i < count * in_features; ++i) {
+          panel[i] = kernels::bf16_to_float(source[i]);
+        }
+        kcpu::sgemm(false, true, rows, count, in_features, 1.f, input, in_features, panel.data(),
+                    in_features, 0.f, output + first, out_features);
+      }
+    }
+  }
+
+  int num_threads_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(int num_threads) {
+  return std::make_unique<CpuBackend>(num_threads);
+}
+
+}  // namespace ftengine

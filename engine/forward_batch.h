@@ -1,0 +1,25 @@
+// What one forward step computes: a packed batch of sequences, each contributing its new tokens
+// (a whole prompt, a prefill chunk, or one decode token), and where their keys and values live in
+// the paged KV cache. Built on the host by the generator; backends upload what they need.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace ftengine {
+
+struct ForwardBatch {
+  std::vector<int32_t> token_ids;     // [tokens], sequences back to back
+  std::vector<int32_t> positions;     // [tokens], absolute position of each token
+  std::vector<int32_t> slot_mapping;  // [tokens], flat cache slot = block * block_size + offset
+  std::vector<int32_t> cu_seqlens_q;  // [sequences + 1], token range of each sequence
+  std::vector<int32_t> seqlens_kv;    // [sequences], cached tokens after this step
+  std::vector<int32_t> block_table;   // [sequences][block_table_stride], cache blocks in order
+  int32_t block_table_stride = 0;
+  std::vector<int32_t> logits_rows;   // token rows whose next-token logits are wanted
+
+  int64_t num_tokens() const { return static_cast<int64_t>(token_ids.size()); }
+  int32_t num_sequences() const { return static_cast<int32_t>(seqlens_kv.size()); }
+};
+
+}  // namespace ftengine

@@ -1,0 +1,62 @@
+// The Model interface and the decoder configuration models are built from. A model is created
+// from a WeightStore by the registry in models/, and runs one forward step per call.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/forward_batch.h"
+#include "engine/kv_cache.h"
+#include "engine/tensor.h"
+#include "engine/weight_store.h"
+
+namespace ftengine {
+
+// Rotary scaling as transformers names it in config.json's rope_scaling.
+enum class RopeType : int { kDefault, kLinear, kLlama3 };
+
+struct RopeConfig {
+  float theta = 10000.f;
+  RopeType type = RopeType::kDefault;
+  float factor = 1.f;               // linear and llama3
+  float low_freq_factor = 1.f;      // llama3
+  float high_freq_factor = 4.f;     // llama3
+  int32_t original_max_position = 8192;  // llama3
+  bool interleaved = false;         // Meta checkpoints rotate (x[2i], x[2i+1]) pairs
+};
+
+struct ModelConfig {
+  std::string architecture;
+  int32_t vocab_size = 0;
+  int32_t hidden_size = 0;
+  int32_t intermediate_size = 0;
+  int32_t num_layers = 0;
+  int32_t num_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t max_position_embeddings = 0;
+  float norm_eps = 1e-6f;
+  RopeConfig rope;
+  bool attention_bias = false;  // bias on q, k, v and o projections
+  bool mlp_bias = false;
+  bool tie_word_embeddings = false;
+  DType weight_dtype = DType::kFloat32;  // storage of matrices; vectors (norms, biases) are float32
+};
+
+struct WeightSpec {
+  std::string name;
+  Shape shape;
+};
+
+class Model {
+ public:
+  virtual ~Model() = default;
+  virtual const ModelConfig& config() const = 0;
+  // One forward step over the batch; returns float32 logits [batch.logits_rows.size(), vocab].
+  virtual Tensor forward(const ForwardBatch& batch, KvCache& cache) = 0;
+};
+
+}  // namespace ftengine

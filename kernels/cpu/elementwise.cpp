@@ -1,0 +1,75 @@
+#include "kernels/cpu/elementwise.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "kernels/cpu/bfloat16.h"
+
+namespace ftengine::kernels::cpu {
+
+void rmsnorm(const float* x, const float* weight, int64_t rows, int64_t cols, float eps,
+             float* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * cols;
+    float* out_row = out + r * cols;
+    float sum_squares = 0.f;
+#pragma omp simd reduction(+ : sum_squares)
+    for (int64_t c = 0; c < cols; ++c) sum_squares += row[c] * row[c];
+    const float inverse_rms = 1.f / std::sqrt(sum_squares / static_cast<float>(cols) + eps);
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) out_row[c] = row[c] * inverse_rms * weight[c];
+  }
+}
+
+void add_inplace(float* x, const float* y, int64_t count) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < count; ++i) x[i] += y[i];
+}
+
+void silu_mul(const float* gate_up, int64_t rows, int64_t cols, float* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* gate = gate_up + r * 2 * cols;
+    const float* up = gate + cols;
+    float* out_row = out + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) out_row[c] = gate[c] / (1.f + std::exp(-gate[c])) * up[c];
+  }
+}
+
+void embedding_f32(const float* table, const int32_t* ids, int64_t rows, int64_t cols,
+                   float* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(out + r * cols, table + static_cast<int64_t>(ids[r]) * cols, cols * sizeof(float));
+  }
+}
+
+void embedding_bf16(const uint16_t* table, const int32_t* ids, int64_t rows, int64_t cols,
+                    float* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* source = table + static_cast<int64_t>(ids[r]) * cols;
+    float* destination = out + r * cols;
+    for (int64_t c = 0; c < cols; ++c) destination[c] = bf16_to_float(source[c]);
+  }
+}
+
+void bf16_to_f32(const uint16_t* in, int64_t count, float* out) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < count; ++i) out[i] = bf16_to_float(in[i]);
+}
+
+void f32_to_bf16(const float* in, int64_t count, uint16_t* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < count; ++i) out[i] = float_to_bf16(in[i]);
+}
+
+void gather_rows(const float* x, const int32_t* rows, int64_t count, int64_t cols, float* out) {
+  for (int64_t i = 0; i < count; ++i) {
+    std::memcpy(out + i * cols, x + static_cast<int64_t>(rows[i]) * cols, cols * sizeof(float));
+  }
+}
+
+}  // namespace ftengine::kernels::cpu

@@ -1,0 +1,31 @@
+// Row-wise CPU kernels of the decoder: norms, activations, gathers, conversions. Plain pointers
+// in, results out; each runs its rows in parallel with OpenMP.
+#pragma once
+
+#include <cstdint>
+
+namespace ftengine::kernels::cpu {
+
+// out[r] = x[r] / sqrt(mean(x[r]²) + eps) * weight, accumulated in float32 like HF's LlamaRMSNorm.
+void rmsnorm(const float* x, const float* weight, int64_t rows, int64_t cols, float eps,
+             float* out);
+
+// x[i] += y[i]
+void add_inplace(float* x, const float* y, int64_t count);
+
+// gate_up[r] = [gate | up] (2 × cols wide); out[r] = silu(gate) * up.
+void silu_mul(const float* gate_up, int64_t rows, int64_t cols, float* out);
+
+// out[r] = table[ids[r]] widened to float32; ids were validated by the caller.
+void embedding_f32(const float* table, const int32_t* ids, int64_t rows, int64_t cols,
+                   float* out);
+void embedding_bf16(const uint16_t* table, const int32_t* ids, int64_t rows, int64_t cols,
+                    float* out);
+
+void bf16_to_f32(const uint16_t* in, int64_t count, float* out);
+void f32_to_bf16(const float* in, int64_t count, uint16_t* out);
+
+// out[i] = x[rows[i]] for row-major x with `cols` columns.
+void gather_rows(const float* x, const int32_t* rows, int64_t count, int64_t cols, float* out);
+
+}  // namespace ftengine::kernels::cpu

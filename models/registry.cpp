@@ -1,0 +1,46 @@
+#include "models/registry.h"
+
+#include <stdexcept>
+
+#include "models/llama.h"
+
+namespace ftengine::models {
+
+namespace {
+
+struct Architecture {
+  const char* name;
+  std::vector<WeightSpec> (*expected_weights)(const ModelConfig&);
+  std::unique_ptr<Model> (*create)(const ModelConfig&, WeightStore&, Backend&);
+};
+
+// Architectures that are the Llama graph under other names and config flags.
+const Architecture kArchitectures[] = {
+    {"LlamaForCausalLM", llama_expected_weights, make_llama},
+};
+
+const Architecture& find_architecture(const std::string& name) {
+  for (const auto& architecture : kArchitectures) {
+    if (name == architecture.name) return architecture;
+  }
+  throw std::invalid_argument("unsupported architecture '" + name + "'");
+}
+
+}  // namespace
+
+std::vector<std::string> supported_architectures() {
+  std::vector<std::string> names;
+  for (const auto& architecture : kArchitectures) names.emplace_back(architecture.name);
+  return names;
+}
+
+std::vector<WeightSpec> expected_weights(const ModelConfig& config) {
+  return find_architecture(config.architecture).expected_weights(config);
+}
+
+std::unique_ptr<Model> create_model(const ModelConfig& config, WeightStore& weights,
+                                    Backend& backend) {
+  return find_architecture(config.architecture).create(config, weights, backend);
+}
+
+}  // namespace ftengine::models

@@ -1,0 +1,241 @@
+// Bindings of the runtime: a Runtime owns one backend, one model, its KV cache and the generator.
+// This file is the only place that knows both engine/ and models/.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "engine/backend.h"
+#include "engine/generator.h"
+#include "engine/kv_cache.h"
+#include "engine/model.h"
+#include "engine/weight_store.h"
+#include "models/registry.h"
+
+namespace py = pybind11;
+using namespace ftengine;
+
+namespace {
+
+template <typename T>
+T required(const py::dict& config, const char* key) {
+  if (!config.contains(key)) throw std::invalid_argument(std::string("config lacks '") + key + "'");
+  return config[key].cast<T>();
+}
+
+DType parse_dtype(const std::string& name) {
+  if (name == "float32") return DType::kFloat32;
+  if (name == "bfloat16") return DType::kBFloat16;
+  throw std::invalid_argument("unsupported dtype '" + name + "' (float32 or bfloat16)");
+}
+
+RopeType parse_rope_type(const std::string& name) {
+  if (name == "default") return RopeType::kDefault;
+  if (name == "linear") return RopeType::kLinear;
+  if (name == "llama3") return RopeType::kLlama3;
+  throw std::invalid_argument("unsupported rope_type '" + name + "'");
+}
+
+// The Python loader normalises config.json into this flat dict (ftengine/config.py).
+ModelConfig model_config_from_dict(const py::dict& d) {
+  ModelConfig c;
+  c.architecture = required<std::string>(d, "architecture");
+  c.vocab_size = required<int32_t>(d, "vocab_size");
+  c.hidden_size = required<int32_t>(d, "hidden_size");
+  c.intermediate_size = required<int32_t>(d, "intermediate_size");
+  c.num_layers = required<int32_t>(d, "num_layers");
+  c.num_heads = required<int32_t>(d, "num_heads");
+  c.num_kv_heads = required<int32_t>(d, "num_kv_heads");
+  c.head_dim = required<int32_t>(d, "head_dim");
+  c.max_position_embeddings = required<int32_t>(d, "max_position_embeddings");
+  c.norm_eps = required<float>(d, "norm_eps");
+  c.rope.theta = required<float>(d, "rope_theta");
+  c.rope.type = parse_rope_type(required<std::string>(d, "rope_type"));
+  c.rope.factor = required<float>(d, "rope_factor");
+  c.rope.low_freq_factor = required<float>(d, "rope_low_freq_factor");
+  c.rope.high_freq_factor = required<float>(d, "rope_high_freq_factor");
+  c.rope.original_max_position = required<int32_t>(d, "rope_original_max_position");
+  c.rope.interleaved = required<bool>(d, "rope_interleaved");
+  c.attention_bias = required<bool>(d, "attention_bias");
+  c.mlp_bias = required<bool>(d, "mlp_bias");
+  c.tie_word_embeddings = required<bool>(d, "tie_word_embeddings");
+  c.weight_dtype = parse_dtype(required<std::string>(d, "weight_dtype"));
+  return c;
+}
+
+struct RuntimeOptions {
+  int num_threads = 0;
+  int32_t kv_cache_tokens = 0;
+  int32_t block_size = 0;
+  GeneratorOptions generator;
+};
+
+// Built in two stages so weights stream in one tensor at a time: construct (backend and weight
+// store), add_weight for every tensor, then build (model, KV cache, generator).
+class Runtime {
+ public:
+  Runtime(const py::dict& config_dict, const RuntimeOptions& options)
+      : config_(model_config_from_dict(config_dict)),
+        options_(options),
+        backend_(make_cpu_backend(options.num_threads)) {
+    if (options.block_size <= 0 || options.kv_cache_tokens <= 0) {
+      throw std::invalid_argument("block_size and kv_cache_tokens must be positive");
+    }
+  }
+
+  // Matrices are stored in the config's weight dtype, vectors (norms, biases) in float32.
+  // `array` holds float32, or uint16 bits when `source_dtype` is bfloat16.
+  void add_weight(const std::string& name, const py::array& array, const std::string& source) {
+    require_unbuilt();
+    const DType source_dtype = parse_dtype(source);
+    auto contiguous = py::array::ensure(array, py::array::c_style);
+    if (!contiguous || static_cast<size_t>(contiguous.itemsize()) != dtype_size(source_dtype)) {
+      throw std::invalid_argument("weight " + name + " does not hold " + source + " items");
+    }
+    Shape shape(contiguous.shape(), contiguous.shape() + contiguous.ndim());
+    const DType stored = shape.size() >= 2 ? config_.weight_dtype : DType::kFloat32;
+    const void* data = contiguous.data();
+    py::gil_scoped_release release;
+    weights_.add(name, backend_->from_host(data, shape, source_dtype, stored));
+  }
+
+  void build() {
+    require_unbuilt();
+    {
+      py::gil_scoped_release release;
+      model_ = models::create_model(config_, weights_, *backend_);
+    }
+    const auto leftover = weights_.names();
+    if (!leftover.empty()) {
+      model_.reset();
+      throw std::invalid_argument("weight " + leftover.front() + " is not used by " +
+                                  config_.architecture);
+    }
+    KvCacheShape shape;
+    shape.num_layers = config_.num_layers;
+    shape.block_size = options_.block_size;
+    shape.num_blocks = (options_.kv_cache_tokens + options_.block_size - 1) / options_.block_size;
+    shape.num_kv_heads = config_.num_kv_heads;
+    shape.head_dim = config_.head_dim;
+    cache_ = std::make_unique<KvCache>(shape, backend_->activation_dtype(), *backend_);
+    generator_ = std::make_unique<Generator>(*model_, *cache_, *backend_, options_.generator);
+  }
+
+  Generator& generator() {
+    if (!generator_) throw std::runtime_error("the runtime is not built yet: call build()");
+    return *generator_;
+  }
+  const KvCache& cache() const {
+    if (!cache_) throw std::runtime_error("the runtime is not built yet: call build()");
+    return *cache_;
+  }
+  int num_threads() const { return backend_->num_threads(); }
+
+ private:
+  void require_unbuilt() const {
+    if (model_) throw std::runtime_error("the runtime is already built");
+  }
+
+  ModelConfig config_;
+  RuntimeOptions options_;
+  // Destroyed in reverse: generator, cache and model before the backend that owns their memory.
+  std::unique_ptr<Backend> backend_;
+  WeightStore weights_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<KvCache> cache_;
+  std::unique_ptr<Generator> generator_;
+};
+
+}  // namespace
+
+void bind_engine(py::module_& m) {
+  m.def("supported_architectures", &models::supported_architectures);
+  m.def(
+      "expected_weights",
+      [](const py::dict& config) {
+        std::vector<std::pair<std::string, std::vector<int64_t>>> specs;
+        for (auto& spec : models::expected_weights(model_config_from_dict(config))) {
+          specs.emplace_back(spec.name, spec.shape);
+        }
+        return specs;
+      },
+      "[(name, shape)] of every tensor the architecture of this config needs");
+
+  py::enum_<FinishReason>(m, "FinishReason")
+      .value("none", FinishReason::kNone)
+      .value("stop_token", FinishReason::kStopToken)
+      .value("length", FinishReason::kLength)
+      .value("aborted", FinishReason::kAborted);
+
+  py::class_<Runtime>(m, "Runtime")
+      .def(py::init([](const py::dict& config, int num_threads, int32_t kv_cache_tokens,
+                       int32_t block_size, int32_t max_step_tokens, int32_t max_sequences) {
+             RuntimeOptions options;
+             options.num_threads = num_threads;
+             options.kv_cache_tokens = kv_cache_tokens;
+             options.block_size = block_size;
+             options.generator.max_step_tokens = max_step_tokens;
+             options.generator.max_sequences = max_sequences;
+             return std::make_unique<Runtime>(config, options);
+           }),
+           py::arg("config"), py::arg("num_threads"), py::arg("kv_cache_tokens"),
+           py::arg("block_size"), py::arg("max_step_tokens"), py::arg("max_sequences"))
+      .def("add_weight", &Runtime::add_weight, py::arg("name"), py::arg("array"),
+           py::arg("source_dtype"))
+      .def("build", &Runtime::build)
+      .def_property_readonly("num_threads", &Runtime::num_threads)
+      .def_property_readonly("kv_cache_bytes", [](const Runtime& r) { return r.cache().bytes(); })
+      .def_property_readonly("kv_cache_tokens",
+                             [](const Runtime& r) {
+                               const auto& s = r.cache().shape();
+                               return static_cast<int64_t>(s.num_blocks) * s.block_size;
+                             })
+      .def(
+          "add_request",
+          [](Runtime& r, std::vector<int32_t> prompt, float temperature, int32_t top_k,
+             float top_p, float repetition_penalty, uint64_t seed, int32_t max_new_tokens,
+             std::vector<int32_t> stop_token_ids) {
+            RequestOptions options;
+            options.sampling.temperature = temperature;
+            options.sampling.top_k = top_k;
+            options.sampling.top_p = top_p;
+            options.sampling.repetition_penalty = repetition_penalty;
+            options.seed = seed;
+            options.max_new_tokens = max_new_tokens;
+            options.stop_token_ids = std::move(stop_token_ids);
+            return r.generator().add_request(std::move(prompt), options);
+          },
+          py::arg("prompt"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+          py::arg("repetition_penalty"), py::arg("seed"), py::arg("max_new_tokens"),
+          py::arg("stop_token_ids"))
+      .def(
+          "step",
+          [](Runtime& r) {
+            std::vector<TokenEvent> events;
+            {
+              py::gil_scoped_release release;
+              events = r.generator().step();
+            }
+            std::vector<std::tuple<int64_t, int32_t, FinishReason>> out;
+            out.reserve(events.size());
+            for (const auto& e : events) out.emplace_back(e.request_id, e.token, e.finish);
+            return out;
+          },
+          "one forward pass; [(request_id, token, finish_reason)]")
+      .def("abort", [](Runtime& r, int64_t id) { r.generator().abort(id); })
+      .def("has_unfinished", [](Runtime& r) { return r.generator().has_unfinished(); })
+      .def("prompt_logits", [](Runtime& r, const std::vector<int32_t>& prompt) {
+        std::vector<float> logits;
+        {
+          py::gil_scoped_release release;
+          logits = r.generator().prompt_logits(prompt);
+        }
+        const int64_t rows = static_cast<int64_t>(prompt.size());
+        py::array_t<float> out({rows, static_cast<int64_t>(logits.size()) / rows});
+        std::copy(logits.begin(), logits.end(), out.mutable_data());
+        return out;
+      });
+}

@@ -1,0 +1,12 @@
+// The _C extension module: thin bindings. C++ validates and computes; the public API, its
+// defaults and docstrings live in the Python package.
+#include <pybind11/pybind11.h>
+
+void bind_engine(pybind11::module_& m);
+void bind_kernels(pybind11::module_& m);
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ftengine native core (use the ftengine package, not this module)";
+  bind_engine(m);
+  bind_kernels(m);
+}

@@ -1,0 +1,172 @@
+"""Model configuration: config.json (either transformers layout) normalised into one dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+# model_type -> architecture, for config.json files saved without an "architectures" list.
+_ARCHITECTURE_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM"}
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The decoder hyper-parameters the native core needs, with transformers' meanings."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm_eps: float
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    rope_interleaved: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def native_dict(self, weight_dtype: str) -> dict[str, Any]:
+        """The flat dict the native Runtime takes."""
+        fields = dataclasses.asdict(self)
+        fields.pop("bos_token_id")
+        fields.pop("eos_token_ids")
+        fields["weight_dtype"] = weight_dtype
+        return fields
+
+
+def _rope_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    # transformers >= 5 writes rope_parameters (theta inside); older files have rope_theta plus
+    # an optional rope_scaling whose kind is "rope_type" (or "type" before 4.45).
+    parameters = raw.get("rope_parameters")
+    if parameters is None:
+        parameters = dict(raw.get("rope_scaling") or {})
+        parameters.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    if not isinstance(parameters, dict):
+        raise ConfigError(f"{source}: rope parameters must be an object, got {parameters!r}")
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    if rope_type not in _ROPE_TYPES:
+        raise ConfigError(
+            f"{source}: rope_type {rope_type!r} is not supported "
+            f"(supported: {', '.join(_ROPE_TYPES)})"
+        )
+    settings: dict[str, Any] = {
+        "rope_theta": float(parameters["rope_theta"]),
+        "rope_type": rope_type,
+    }
+    if rope_type in ("linear", "llama3"):
+        if "factor" not in parameters:
+            raise ConfigError(f"{source}: rope_type {rope_type!r} needs a 'factor'")
+        settings["rope_factor"] = float(parameters["factor"])
+    if rope_type == "llama3":
+        try:
+            settings["rope_low_freq_factor"] = float(parameters["low_freq_factor"])
+            settings["rope_high_freq_factor"] = float(parameters["high_freq_factor"])
+            settings["rope_original_max_position"] = int(
+                parameters["original_max_position_embeddings"]
+            )
+        except KeyError as missing:
+            raise ConfigError(f"{source}: llama3 rope scaling lacks {missing}") from None
+        if settings["rope_high_freq_factor"] <= settings["rope_low_freq_factor"]:
+            raise ConfigError(f"{source}: llama3 high_freq_factor must exceed low_freq_factor")
+    return settings
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig:
+    """Validates a transformers-style config dict; `source` names it in error messages."""
+    architectures = raw.get("architectures") or []
+    architecture = architectures[0] if architectures else None
+    if architecture is None:
+        architecture = _ARCHITECTURE_BY_MODEL_TYPE.get(raw.get("model_type", ""))
+    from . import _C
+
+    supported = _C.supported_architectures()
+    if architecture not in supported:
+        raise ConfigError(
+            f"{source}: architecture {architecture or raw.get('model_type')!r} is not supported "
+            f"(supported: {', '.join(supported)})"
+        )
+    activation = raw.get("hidden_act", "silu")
+    if activation != "silu":
+        raise ConfigError(f"{source}: hidden_act {activation!r} is not supported (silu)")
+    try:
+        hidden_size = int(raw["hidden_size"])
+        num_heads = int(raw["num_attention_heads"])
+        values = dict(
+            architecture=architecture,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden_size,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+            head_dim=int(raw.get("head_dim") or hidden_size // max(num_heads, 1)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            attention_bias=bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=_token_ids(raw.get("eos_token_id")),
+            **_rope_settings(raw, source),
+        )
+    except KeyError as missing:
+        raise ConfigError(f"{source}: required key {missing} is missing") from None
+    except (TypeError, ValueError) as bad:
+        raise ConfigError(f"{source}: malformed value: {bad}") from None
+    config = ModelConfig(**values)
+    _check_sizes(config, source)
+    return config
+
+
+def _check_sizes(config: ModelConfig, source: str) -> None:
+    for name in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+        "num_kv_heads", "head_dim", "max_position_embeddings",
+    ):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{source}: {name} must be positive, got {getattr(config, name)}")
+    if config.num_heads % config.num_kv_heads:
+        raise ConfigError(
+            f"{source}: num_attention_heads ({config.num_heads}) is not a multiple of "
+            f"num_key_value_heads ({config.num_kv_heads})"
+        )
+    if config.head_dim % 2:
+        raise ConfigError(f"{source}: head_dim must be even for rotary embedding")
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    """Reads and validates `model_dir/config.json`."""
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: is {model_dir} a model directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+        raise ConfigError(f"{path} is not valid JSON: {bad}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return config_from_dict(raw, str(path))

@@ -1,0 +1,267 @@
+"""The Engine: a model, its tokenizer and the native runtime behind one object.
+
+    engine = Engine.from_pretrained("path/to/model")
+    print(engine.generate("The capital of France is", SamplingParams(max_new_tokens=20)).text)
+    for event in engine.stream("Once upon a time"):
+        print(event.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import _C
+from .config import ModelConfig, load_config
+from .errors import ContextLengthError, FtengineError, InvalidTokenError
+from .loader import check_against_spec, index_tensors, stream_weights
+from .sampling import SamplingParams
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+_FINISH_REASONS = {
+    _C.FinishReason.stop_token: "stop",
+    _C.FinishReason.length: "length",
+}
+_DEVICES = ("cpu",)
+_WEIGHT_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class GenerationOutput:
+    """One finished request: the new text and token ids, and why it stopped
+    ("stop": an end token or stop string; "length": max_new_tokens)."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass
+class StreamEvent:
+    """A piece of newly generated text for request `index` (the position of its prompt)."""
+
+    index: int
+    text: str
+    token_id: int | None
+    finish_reason: str | None = None
+
+
+Prompt = str | Sequence[int]
+
+
+def _default_kv_cache_tokens(config: ModelConfig, batch: int) -> int:
+    # Room for `batch` full contexts, capped at a quarter of physical memory.
+    per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    wanted = config.max_position_embeddings * batch
+    return max(256, min(wanted, memory // 4 // per_token))
+
+
+class Engine:
+    """A loaded model ready to generate. Build it with Engine.from_pretrained."""
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, runtime: _C.Runtime,
+                 model_dir: Path, dtype: str) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_dir = model_dir
+        self.dtype = dtype
+        self._runtime = runtime
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        device: str = "cpu",
+        dtype: str | None = None,
+        *,
+        num_threads: int | None = None,
+        kv_cache_tokens: int | None = None,
+        max_batch_tokens: int = 2048,
+        max_num_seqs: int = 16,
+        block_size: int = 128,
+        progress: bool = True,
+    ) -> Engine:
+        """Loads a Hugging Face model directory (config.json, *.safetensors, tokenizer files).
+
+        dtype stores the weight matrices as "float32" or "bfloat16" (default: bfloat16 when the
+        checkpoint is bfloat16, else float32); arithmetic is float32 either way. num_threads
+        defaults to every core. kv_cache_tokens sizes the paged KV cache shared by all requests;
+        max_batch_tokens caps the tokens of one forward step (longer prompts are prefilled in
+        chunks) and max_num_seqs the requests decoded together.
+        """
+        if device not in _DEVICES:
+            raise FtengineError(
+                f"device {device!r} is not available in this build (available: "
+                f"{', '.join(_DEVICES)})"
+            )
+        if dtype is not None and dtype not in _WEIGHT_DTYPES:
+            raise FtengineError(f"dtype must be one of {_WEIGHT_DTYPES}, got {dtype!r}")
+        model_dir = Path(path)
+        if not model_dir.is_dir():
+            raise FtengineError(f"{model_dir} is not a model directory")
+        config = load_config(model_dir)
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+        entries = index_tensors(model_dir)
+        if dtype is None:
+            dtype = "bfloat16" if any(e.dtype == "BF16" for e in entries.values()) else "float32"
+        native_config = config.native_dict(dtype)
+        needed = check_against_spec(
+            entries, _C.expected_weights(native_config), model_dir, config.tie_word_embeddings
+        )
+        if kv_cache_tokens is None:
+            kv_cache_tokens = _default_kv_cache_tokens(config, max_num_seqs)
+        runtime = _C.Runtime(
+            native_config,
+            num_threads=num_threads or 0,
+            kv_cache_tokens=kv_cache_tokens,
+            block_size=block_size,
+            max_step_tokens=max_batch_tokens,
+            max_sequences=max_num_seqs,
+        )
+        stream_weights(needed, runtime.add_weight, progress, f"loading {model_dir.name}")
+        runtime.build()
+        return cls(config, tokenizer, runtime, model_dir, dtype)
+
+    # ---- prompts -------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text prompt (with the tokenizer's BOS), or a checked copy of ids."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        vocab = self.config.vocab_size
+        for position, token in enumerate(ids):
+            if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+                raise InvalidTokenError(f"token at position {position} is not an integer: {token!r}")
+            if not 0 <= token < vocab:
+                raise InvalidTokenError(
+                    f"token id {token} at position {position} is outside the vocabulary "
+                    f"[0, {vocab})"
+                )
+        if not ids:
+            raise InvalidTokenError("the prompt is empty: give at least one token")
+        return [int(t) for t in ids]
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered through the model's chat template."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.encode_prompt(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        total = len(ids) + params.max_new_tokens
+        limit = self.config.max_position_embeddings
+        if total > limit:
+            raise ContextLengthError(
+                f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} = {total} "
+                f"exceeds the model's context of {limit} tokens: shorten the prompt or lower "
+                f"max_new_tokens"
+            )
+        capacity = self._runtime.kv_cache_tokens
+        if total > capacity:
+            raise ContextLengthError(
+                f"{total} tokens do not fit the KV cache of {capacity} tokens: pass a larger "
+                f"kv_cache_tokens to Engine.from_pretrained"
+            )
+
+    # ---- generation ----------------------------------------------------------------------
+
+    def stream(self, prompts: Prompt | Sequence[Prompt],
+               params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+        """Generates for one prompt or a batch, yielding text as it is produced. Every request
+        ends with one event whose finish_reason is set."""
+        params = params or SamplingParams()
+        params.validate()
+        batch = self._as_batch(prompts)
+        encoded = [self.encode_prompt(p) for p in batch]
+        for ids in encoded:
+            self._check_fits(ids, params)
+        outputs = [GenerationOutput(prompt_token_ids=ids) for ids in encoded]
+        yield from self._run(outputs, params)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | None = None):
+        """Generates to completion. One prompt gives one GenerationOutput; a list of prompts
+        gives a list, in order."""
+        params = params or SamplingParams()
+        params.validate()
+        batch = self._as_batch(prompts)
+        outputs = [GenerationOutput(prompt_token_ids=self.encode_prompt(p)) for p in batch]
+        for output in outputs:
+            self._check_fits(output.prompt_token_ids, params)
+        for _ in self._run(outputs, params):
+            pass
+        return outputs if self._is_batch(prompts) else outputs[0]
+
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None,
+             stream: bool = False):
+        """Answers the conversation `messages` ([{"role": ..., "content": ...}, ...])."""
+        ids = self.chat_prompt(messages)
+        return self.stream([ids], params) if stream else self.generate([ids], params)[0]
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits at every position of `token_ids`, float32 [len, vocab]."""
+        ids = self.encode_prompt(token_ids)
+        self._check_fits(ids, SamplingParams(max_new_tokens=1))
+        return self._runtime.prompt_logits(ids)
+
+    @staticmethod
+    def _is_batch(prompts: Prompt | Sequence[Prompt]) -> bool:
+        if isinstance(prompts, str):
+            return False
+        return len(prompts) > 0 and not isinstance(prompts[0], (int, np.integer))
+
+    def _as_batch(self, prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+        return list(prompts) if self._is_batch(prompts) else [prompts]
+
+    def _run(self, outputs: list[GenerationOutput],
+             params: SamplingParams) -> Iterator[StreamEvent]:
+        stop_ids = list(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids += sorted(set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids))
+        base_seed = params.seed if params.seed is not None else secrets.randbits(63)
+        runtime = self._runtime
+        by_request = {}
+        for index, output in enumerate(outputs):
+            request = runtime.add_request(
+                output.prompt_token_ids, params.temperature, params.top_k, params.top_p,
+                params.repetition_penalty, base_seed + index, params.max_new_tokens, stop_ids,
+            )
+            by_request[request] = (index, IncrementalDetokenizer(self.tokenizer))
+        try:
+            while by_request:
+                for request, token, finish in runtime.step():
+                    index, detokenizer = by_request[request]
+                    output = outputs[index]
+                    output.token_ids.append(token)
+                    reason = _FINISH_REASONS.get(finish)
+                    is_stop_token = finish == _C.FinishReason.stop_token
+                    # An end token ends the request without becoming text.
+                    piece = "" if is_stop_token else detokenizer.push(token)
+                    text, hit = self._apply_stop_strings(output.text, piece, params.stop)
+                    if hit:
+                        runtime.abort(request)
+                        reason = "stop"
+                    output.text += text
+                    if reason is not None:
+                        output.finish_reason = reason
+                        del by_request[request]
+                    yield StreamEvent(index, text, token, reason)
+        finally:
+            for request in by_request:  # the caller stopped iterating: free the cache
+                runtime.abort(request)
+
+    @staticmethod
+    def _apply_stop_strings(previous: str, piece: str, stops: list[str]) -> tuple[str, bool]:
+        """The part of `piece` to emit, and whether a stop string completed in it."""
+        if not stops or not piece:
+            return piece, False
+        combined = previous + piece
+        cut = min((i for s in stops if (i := combined.find(s)) != -1), default=-1)
+        if cut == -1:
+            return piece, False
+        return combined[len(previous):cut] if cut >= len(previous) else "", True

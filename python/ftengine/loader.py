@@ -1,0 +1,171 @@
+"""Reading Hugging Face checkpoints: safetensors files (single or sharded through an index),
+validated by the safetensors library and checked tensor by tensor against the shapes the config
+implies, then streamed into the native runtime one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from .errors import MissingWeightError, WeightFileError, WeightShapeError
+
+# Tensors some checkpoints carry that no model reads: rotary buffers are recomputed from the config.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+# safetensors dtype -> (numpy dtype of the raw items, dtype name the native side takes)
+_DTYPES = {
+    "F32": (np.float32, "float32"),
+    "BF16": (np.uint16, "bfloat16"),
+    "F16": (np.float16, "float16"),
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: file, dtype, shape and byte range of its data."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory, through the shard index when there is one."""
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as bad:
+            raise WeightFileError(f"{index_path} is not a valid shard index: {bad}") from None
+        files = [model_dir / name for name in names]
+        for path in files:
+            if not path.is_file():
+                raise WeightFileError(f"{index_path} names {path.name}, which does not exist")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        hint = ""
+        if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pth")):
+            hint = " (pickled .bin/.pth checkpoints are not read; convert them to safetensors)"
+        raise WeightFileError(f"no *.safetensors files in {model_dir}{hint}")
+    return files
+
+
+def _entries_of(path: Path) -> Iterator[TensorEntry]:
+    # The library validates the header (offsets in bounds, contiguous, file size consistent);
+    # only after that do we read offsets from the same header to map bfloat16 data, which
+    # numpy cannot represent and the library will not hand to numpy.
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            names = list(handle.keys())
+            described = {
+                name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape())
+                for name in names
+            }
+        with path.open("rb") as stream:
+            (header_length,) = struct.unpack("<Q", stream.read(8))
+            header = json.loads(stream.read(header_length))
+    except (SafetensorError, OSError, ValueError, struct.error) as bad:
+        raise WeightFileError(f"{path} is not a readable safetensors file: {bad}") from None
+    data_start = 8 + header_length
+    for name in names:
+        dtype, shape = described[name]
+        begin, end = header[name]["data_offsets"]
+        yield TensorEntry(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def index_tensors(model_dir: Path) -> dict[str, TensorEntry]:
+    """Every tensor of the checkpoint by name; a name in two files is an error."""
+    entries: dict[str, TensorEntry] = {}
+    for path in weight_files(model_dir):
+        for entry in _entries_of(path):
+            if entry.name in entries:
+                raise WeightFileError(
+                    f"tensor {entry.name} is in both {entries[entry.name].path.name} and "
+                    f"{path.name}"
+                )
+            entries[entry.name] = entry
+    return entries
+
+
+def check_against_spec(
+    entries: dict[str, TensorEntry],
+    expected: list[tuple[str, list[int]]],
+    model_dir: Path,
+    tie_word_embeddings: bool,
+) -> list[TensorEntry]:
+    """The entries the model needs, in spec order; raises on anything missing, misshapen,
+    of an unsupported dtype, or unexpected."""
+    needed = []
+    for name, shape in expected:
+        entry = entries.get(name)
+        if entry is None:
+            raise MissingWeightError(
+                f"tensor {name} is missing from the checkpoint in {model_dir}; the config implies "
+                f"it with shape {list(shape)}"
+            )
+        if list(entry.shape) != list(shape):
+            raise WeightShapeError(
+                f"tensor {name} in {entry.path.name} has shape {list(entry.shape)} but the config "
+                f"implies {list(shape)}: does config.json belong to these weights?"
+            )
+        if entry.dtype not in _DTYPES:
+            raise WeightShapeError(
+                f"tensor {name} in {entry.path.name} has dtype {entry.dtype}; supported: "
+                f"{', '.join(_DTYPES)}"
+            )
+        needed.append(entry)
+    wanted = {name for name, _ in expected}
+    unexpected = [
+        name
+        for name in entries
+        if name not in wanted
+        and not name.endswith(_IGNORED_SUFFIXES)
+        and not (tie_word_embeddings and name == "lm_head.weight")
+    ]
+    if unexpected:
+        shown = ", ".join(sorted(unexpected)[:5])
+        raise WeightShapeError(
+            f"the checkpoint in {model_dir} holds {len(unexpected)} tensor(s) this architecture "
+            f"does not use ({shown}): is the config's architecture right?"
+        )
+    return needed
+
+
+def read_tensor(entry: TensorEntry) -> tuple[np.ndarray, str]:
+    """The tensor's items (memory-mapped, not copied) and the dtype name the runtime takes."""
+    numpy_dtype, native_dtype = _DTYPES[entry.dtype]
+    items = np.memmap(entry.path, dtype=np.uint8, mode="r", offset=entry.begin,
+                      shape=(entry.end - entry.begin,))
+    array = items.view(numpy_dtype).reshape(entry.shape)
+    if native_dtype == "float16":  # no float16 storage on the CPU: widen exactly
+        return array.astype(np.float32), "float32"
+    return array, native_dtype
+
+
+def stream_weights(
+    entries: list[TensorEntry],
+    add: Callable[[str, np.ndarray, str], None],
+    progress: bool,
+    description: str,
+) -> None:
+    """Hands each tensor to `add` with a progress bar sized in bytes."""
+    from tqdm import tqdm
+
+    total = sum(entry.end - entry.begin for entry in entries)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=description, disable=not progress,
+              leave=False) as bar:
+        for entry in entries:
+            array, dtype = read_tensor(entry)
+            add(entry.name, array, dtype)
+            bar.update(entry.end - entry.begin)
