@@ -26,15 +26,19 @@ BLOCK_SIZE = 256
 HEAD_DIM = 128
 
 
-def median_seconds(fn, warmup, runs):
+def median_seconds(fns, warmup, runs):
+    """Median time of each function. Runs alternate between the peers so that load from other
+    processes on a shared machine hits both alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, samples in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def make_inputs(q_len, kv_len, num_heads, num_kv_heads, seed):
@@ -94,8 +98,7 @@ def bench_config(kind, q_len, kv_len, num_heads, num_kv_heads, threads, warmup, 
         max_error = float(np.abs(out - expected).max())
         if not max_error < 1e-3:
             raise RuntimeError(f"{kind} S={q_len} KV={kv_len}: outputs differ by {max_error}")
-        torch_s = median_seconds(run_torch, warmup, runs)
-    ours_s = median_seconds(run_ours, warmup, runs)
+        torch_s, ours_s = median_seconds([run_torch, run_ours], warmup, runs)
 
     # Causal prefill does half the work of the full S x S products.
     pairs = q_len * kv_len / 2 if causal else q_len * kv_len

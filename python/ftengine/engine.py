@@ -240,8 +240,11 @@ class Engine:
                     output.token_ids.append(token)
                     reason = _FINISH_REASONS.get(finish)
                     is_stop_token = finish == _C.FinishReason.stop_token
-                    # An end token ends the request without becoming text.
+                    # An end token ends the request without becoming text; a finished request
+                    # releases text the detokenizer held back for an incomplete character.
                     piece = "" if is_stop_token else detokenizer.push(token)
+                    if reason is not None:
+                        piece += detokenizer.flush()
                     text, hit = self._apply_stop_strings(output.text, piece, params.stop)
                     if hit:
                         runtime.abort(request)

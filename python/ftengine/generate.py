@@ -1,0 +1,136 @@
+"""Generate text with a model on the command line.
+
+    python -m ftengine.generate --model PATH --prompt "Once upon a time" --max-new-tokens 64
+    python -m ftengine.generate --model PATH --chat            # interactive conversation
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import FtengineError
+from .sampling import SamplingParams
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ftengine.generate",
+        description="Generate text with an ftengine model. Text streams to stdout as it is "
+        "produced; loading progress and timings go to stderr.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="prompt text; repeat for a batch of prompts (generated together)")
+    parser.add_argument("--chat", action="store_true",
+                        help="use the model's chat template; without --prompt, start an "
+                        "interactive multi-turn chat")
+    parser.add_argument("--system", default=None, help="system message for --chat")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 is greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest; 0: all")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1: all")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help=">1 discourages repeating tokens")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--stop", action="append", default=[],
+                        help="stop when this text appears (repeatable)")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                        help="print tokens as they are generated")
+    parser.add_argument("--device", default="cpu", help="device to run on")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="storage of the weight matrices (default: as in the checkpoint)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or timings")
+    return parser
+
+
+def _print_stream(events, stream: bool, count: int) -> None:
+    texts = [""] * count
+    for event in events:
+        texts[event.index] += event.text
+        if stream and count == 1:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    if stream and count == 1:
+        sys.stdout.write("\n")
+        return
+    for index, text in enumerate(texts):
+        if count > 1:
+            print(f"--- [{index}]")
+        print(text)
+
+
+def _interactive_chat(engine, params: SamplingParams, system: str | None) -> None:
+    messages = [{"role": "system", "content": system}] if system else []
+    print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        reply = ""
+        for event in engine.chat(messages, params, stream=True):
+            reply += event.text
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .engine import Engine
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        stop=args.stop,
+    )
+    try:
+        params.validate()
+        started = time.perf_counter()
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                        num_threads=args.threads, progress=not args.quiet)
+        if not args.quiet:
+            print(f"loaded {args.model} in {time.perf_counter() - started:.1f} s "
+                  f"({engine.dtype} weights)", file=sys.stderr)
+        if args.chat and not args.prompt:
+            _interactive_chat(engine, params, args.system)
+            return 0
+        if not args.prompt:
+            print("error: give --prompt (or --chat for an interactive chat)", file=sys.stderr)
+            return 2
+        if args.chat:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            prompts = [engine.chat_prompt(system + [{"role": "user", "content": p}])
+                       for p in args.prompt]
+        else:
+            prompts = args.prompt
+        started = time.perf_counter()
+        tokens = 0
+        def counted(events):
+            nonlocal tokens
+            for event in events:
+                tokens += event.token_id is not None
+                yield event
+        _print_stream(counted(engine.stream(prompts, params)), args.stream, len(prompts))
+        elapsed = time.perf_counter() - started
+        if not args.quiet:
+            print(f"{tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tokens/s)",
+                  file=sys.stderr)
+    except FtengineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
