@@ -4,9 +4,11 @@
 
 void bind_engine(pybind11::module_& m);
 void bind_kernels(pybind11::module_& m);
+void bind_ops(pybind11::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ftengine native core (use the ftengine package, not this module)";
   bind_engine(m);
   bind_kernels(m);
+  bind_ops(m);
 }

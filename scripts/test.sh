@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up a virtual environment, installs ftengine with its test dependencies, runs the test
+# suite, then the CPU kernels and model tests again under AddressSanitizer + UBSan.
+# Usage: bash scripts/test.sh [extra pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${FTENGINE_VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+# torch is pinned in the test extra: 2.13.0 is the CPU build.
+python -m pip install -q ".[test]"
+python -m pip install -q cmake ninja pybind11 scipy-openblas32
+
+# Run from outside the source tree so the installed package, not python/ftengine, is tested.
+TESTS="$PWD/tests"
+(cd /tmp && python -m pytest -q -p no:cacheprovider "$TESTS" "$@")
+
+bash scripts/sanitize.sh
