@@ -27,9 +27,7 @@ void require_f32(const Tensor& tensor, const char* what) {
           std::string(what) + " must be float32 on the CPU, got " + tensor.describe());
 }
 
-// bfloat16 weights are widened panel by panel into a per-thread buffer and multiplied there, so
-// memory traffic stays that of bfloat16 (the wheel's OpenBLAS has no sbgemm). 64 rows of a
-// 4096-wide weight is 1 MiB of float32, about one L2.
+// 64 rows of a 4096-wide bfloat16 weight widen to 1 MiB of float32, about one L2.
 constexpr int64_t kBf16PanelRows = 64;
 
 class CpuBackend final : public Backend {
@@ -37,7 +35,7 @@ class CpuBackend final : public Backend {
   explicit CpuBackend(int num_threads)
       : num_threads_(num_threads > 0 ? num_threads : omp_get_num_procs()) {
     omp_set_num_threads(num_threads_);
-    scipy_openblas_set_num_threads(num_threads_);
+    kcpu::use_single_threaded_blas();
   }
 
   Device device() const override { return Device::kCpu; }
@@ -111,13 +109,9 @@ class CpuBackend final : public Backend {
     require(weight.dim(1) == in_features && out.dim(0) == rows && out.dim(1) == out_features,
             "linear shapes disagree: x " + x.describe() + ", weight " + weight.describe() +
                 ", out " + out.describe());
-    if (weight.dtype() == DType::kBFloat16) {
-      linear_bf16(x, weight, out);
-    } else {
-      require_f32(weight, "linear weight");
-      kcpu::sgemm(false, true, rows, out_features, in_features, 1.f, x.data<float>(), in_features,
-                  weight.data<float>(), in_features, 0.f, out.data<float>(), out_features);
-    }
+    require(weight.dtype() == DType::kFloat32 || weight.dtype() == DType::kBFloat16,
+            "linear weight must be float32 or bfloat16, got " + weight.describe());
+    linear_partitioned(x, weight, out);
     if (bias != nullptr) {
       require_f32(*bias, "linear bias");
       float* y = out.data<float>();
@@ -209,25 +203,36 @@ class CpuBackend final : public Backend {
   }
 
  private:
-  void linear_bf16(const Tensor& x, const Tensor& weight, Tensor& out) {
+  // Each thread multiplies x by its own panels of weight rows (output columns) with
+  // single-threaded BLAS. bfloat16 panels are widened into a per-thread buffer first, so memory
+  // traffic stays that of bfloat16 (the wheel's OpenBLAS has no sbgemm).
+  void linear_partitioned(const Tensor& x, const Tensor& weight, Tensor& out) {
     const int64_t rows = x.dim(0), in_features = x.dim(1), out_features = weight.dim(0);
-    const uint16_t* w = weight.data<uint16_t>();
+    const bool widen = weight.dtype() == DType::kBFloat16;
+    // float32 panels split the columns evenly; bfloat16 panels are sized to stay in L2.
+    const int64_t panel_rows =
+        widen ? kBf16PanelRows : (out_features + num_threads_ - 1) / num_threads_;
+    const int64_t panels = (out_features + panel_rows - 1) / panel_rows;
     const float* input = x.data<float>();
     float* output = out.data<float>();
-    const int64_t panels = (out_features + kBf16PanelRows - 1) / kBf16PanelRows;
-    kcpu::BlasThreadsScope single_thread(1);
 #pragma omp parallel
     {
-      std::vector<float> panel(static_cast<size_t>(kBf16PanelRows * in_features));
+      std::vector<float> widened(widen ? static_cast<size_t>(panel_rows * in_features) : 0);
 #pragma omp for schedule(static)
       for (int64_t index = 0; index < panels; ++index) {
-        const int64_t first = index * kBf16PanelRows;
-        const int64_t count = std::min(kBf16PanelRows, out_features - first);
-        const uint16_t* source = w + first * in_features;
-        for (int64_t i = 0; i < count * in_features; ++i) {
-          panel[i] = kernels::bf16_to_float(source[i]);
+        const int64_t first = index * panel_rows;
+        const int64_t count = std::min(panel_rows, out_features - first);
+        const float* panel = nullptr;
+        if (widen) {
+          const uint16_t* source = weight.data<uint16_t>() + first * in_features;
+          for (int64_t i = 0; i < count * in_features; ++i) {
+            widened[i] = kernels::bf16_to_float(source[i]);
+          }
+          panel = widened.data();
+        } else {
+          panel = weight.data<float>() + first * in_features;
         }
-        kcpu::sgemm(false, true, rows, count, in_features, 1.f, input, in_features, panel.data(),
+        kcpu::sgemm(false, true, rows, count, in_features, 1.f, input, in_features, panel,
                     in_features, 0.f, output + first, out_features);
       }
     }

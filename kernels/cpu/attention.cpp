@@ -153,7 +153,7 @@ class AttentionRunner {
 
     // Every core already runs one of these workers; a multi-threaded BLAS call would
     // oversubscribe them. The setting is process-wide, hence made here, outside the region.
-    BlasThreadsScope blas_threads(1);
+    // BLAS runs single-threaded process-wide (blas.h), so each worker calls it directly.
 #pragma omp parallel num_threads(threads)
     {
       float* base = scratch.data() + worker_floats * omp_get_thread_num();

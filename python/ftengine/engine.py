@@ -133,7 +133,14 @@ class Engine:
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of a text prompt (with the tokenizer's BOS), or a checked copy of ids."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (Sequence, np.ndarray)):
+            ids = list(prompt)
+        else:
+            raise InvalidTokenError(
+                f"a prompt must be a string or a sequence of token ids, got {prompt!r}"
+            )
         vocab = self.config.vocab_size
         for position, token in enumerate(ids):
             if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
@@ -152,12 +159,12 @@ class Engine:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.encode_prompt(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
-        total = len(ids) + params.max_new_tokens
+    def _check_fits(self, ids: list[int], max_new_tokens: int) -> None:
+        total = len(ids) + max_new_tokens
         limit = self.config.max_position_embeddings
         if total > limit:
             raise ContextLengthError(
-                f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} = {total} "
+                f"prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} = {total} "
                 f"exceeds the model's context of {limit} tokens: shorten the prompt or lower "
                 f"max_new_tokens"
             )
@@ -179,7 +186,8 @@ class Engine:
         batch = self._as_batch(prompts)
         encoded = [self.encode_prompt(p) for p in batch]
         for ids in encoded:
-            self._check_fits(ids, params)
+            self._check_fits(ids, params.max_new_tokens)
+        self._check_stop_ids(params)
         outputs = [GenerationOutput(prompt_token_ids=ids) for ids in encoded]
         yield from self._run(outputs, params)
 
@@ -192,7 +200,8 @@ class Engine:
         batch = self._as_batch(prompts)
         outputs = [GenerationOutput(prompt_token_ids=self.encode_prompt(p)) for p in batch]
         for output in outputs:
-            self._check_fits(output.prompt_token_ids, params)
+            self._check_fits(output.prompt_token_ids, params.max_new_tokens)
+        self._check_stop_ids(params)
         for _ in self._run(outputs, params):
             pass
         return outputs if self._is_batch(prompts) else outputs[0]
@@ -206,14 +215,23 @@ class Engine:
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits at every position of `token_ids`, float32 [len, vocab]."""
         ids = self.encode_prompt(token_ids)
-        self._check_fits(ids, SamplingParams(max_new_tokens=1))
+        self._check_fits(ids, 0)  # nothing is generated: the prompt alone must fit
         return self._runtime.prompt_logits(ids)
+
+    def _check_stop_ids(self, params: SamplingParams) -> None:
+        for token in params.stop_token_ids:
+            if not 0 <= token < self.config.vocab_size:
+                raise InvalidTokenError(
+                    f"stop token id {token} is outside the vocabulary [0, {self.config.vocab_size})"
+                )
 
     @staticmethod
     def _is_batch(prompts: Prompt | Sequence[Prompt]) -> bool:
-        if isinstance(prompts, str):
+        # A batch is a sequence of prompts (texts or id sequences); anything else is one prompt,
+        # which encode_prompt accepts or rejects with InvalidTokenError.
+        if isinstance(prompts, str) or not isinstance(prompts, (Sequence, np.ndarray)):
             return False
-        return len(prompts) > 0 and not isinstance(prompts[0], (int, np.integer))
+        return len(prompts) > 0 and isinstance(prompts[0], (str, Sequence, np.ndarray))
 
     def _as_batch(self, prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
         return list(prompts) if self._is_batch(prompts) else [prompts]
@@ -225,14 +243,17 @@ class Engine:
             stop_ids += sorted(set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids))
         base_seed = params.seed if params.seed is not None else secrets.randbits(63)
         runtime = self._runtime
+        # top_k beyond the vocabulary cuts nothing; clamped so it fits the native int32.
+        top_k = min(params.top_k, self.config.vocab_size)
         by_request = {}
-        for index, output in enumerate(outputs):
-            request = runtime.add_request(
-                output.prompt_token_ids, params.temperature, params.top_k, params.top_p,
-                params.repetition_penalty, base_seed + index, params.max_new_tokens, stop_ids,
-            )
-            by_request[request] = (index, IncrementalDetokenizer(self.tokenizer))
-        try:
+        try:  # a request added before a later one fails must not stay in the runtime
+            for index, output in enumerate(outputs):
+                request = runtime.add_request(
+                    output.prompt_token_ids, params.temperature, top_k, params.top_p,
+                    params.repetition_penalty, (base_seed + index) % 2**64,
+                    params.max_new_tokens, stop_ids,
+                )
+                by_request[request] = (index, IncrementalDetokenizer(self.tokenizer))
             while by_request:
                 for request, token, finish in runtime.step():
                     index, detokenizer = by_request[request]

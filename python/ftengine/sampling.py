@@ -54,12 +54,17 @@ class SamplingParams:
         if self.repetition_penalty <= 0:
             fail(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+            or not 0 <= self.seed < 2**64
         ):
-            fail(f"seed must be a non-negative integer, got {self.seed!r}")
+            fail(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if isinstance(self.stop, str):
             fail("stop must be a list of strings, not a single string")
-        if any(not isinstance(s, str) or not s for s in self.stop):
+        if not isinstance(self.stop, (list, tuple)) or any(
+            not isinstance(s, str) or not s for s in self.stop
+        ):
             fail(f"stop strings must be non-empty strings, got {self.stop!r}")
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids):
-            fail(f"stop_token_ids must be integers, got {self.stop_token_ids!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or any(
+            isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids
+        ):
+            fail(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
