@@ -247,12 +247,20 @@ class AttentionRunner {
       const float* k = p_.k_cache + page_offset;
       const float* v = p_.v_cache + page_offset;
 
-      sgemm(false, true, rows, n, d, score_scale, buf.q_tile, q_ld_, k, p_.kv_token_stride, 0.f,
-            buf.scores, kKvBlockTokens);
-
-      // Tiling-mask, full tiles: every key is at or before the earliest query.
+      // Tiling-mask, full tiles: every key is at or before the earliest query. In a partial
+      // tile the rows whose token comes before the block's first key see none of it; they are
+      // leading rows, left out of both products (half the diagonal block's work).
       const bool full = !p_.causal || kv_start + n - 1 <= first_position;
-      for (int r = 0; r < rows; ++r) {
+      const int first_row =
+          full ? 0 : static_cast<int>(std::max<int64_t>(0, kv_start - first_position) * group_);
+      const int active_rows = rows - first_row;
+      float* scores = buf.scores + static_cast<int64_t>(first_row) * kKvBlockTokens;
+      float* o_acc = buf.o_acc + first_row * q_ld_;
+
+      sgemm(false, true, active_rows, n, d, score_scale, buf.q_tile + first_row * q_ld_, q_ld_, k,
+            p_.kv_token_stride, 0.f, scores, kKvBlockTokens);
+
+      for (int r = first_row; r < rows; ++r) {
         float* score_row = buf.scores + static_cast<int64_t>(r) * kKvBlockTokens;
         // Partial tiles: the mask is generated from indices, as the count of leading keys
         // this row may see; the masked tail gets probability 0.
@@ -273,11 +281,14 @@ class AttentionRunner {
         const float sum = exp2_shifted_sum(score_row, visible, new_max);
         buf.row_max[r] = new_max;
         buf.row_sum[r] = buf.row_sum[r] * correction + sum;
-        if (old_max != kNegInf && correction != 1.f) scale_row(buf.o_acc + r * q_ld_, static_cast<int>(d), correction);
+        // The accumulator is still zero before a row's first key, so it needs no rescale.
+        if (old_max != kNegInf && correction != 1.f) {
+          scale_row(buf.o_acc + r * q_ld_, static_cast<int>(d), correction);
+        }
       }
 
-      sgemm(false, false, rows, d, n, 1.f, buf.scores, kKvBlockTokens, v, p_.kv_token_stride, 1.f,
-            buf.o_acc, q_ld_);
+      sgemm(false, false, active_rows, d, n, 1.f, scores, kKvBlockTokens, v, p_.kv_token_stride,
+            1.f, o_acc, q_ld_);
       kv_start += n;
     }
 
