@@ -151,9 +151,10 @@ class AttentionRunner {
     // Allocated before the parallel region: an exception thrown inside it would terminate.
     std::vector<float> scratch(static_cast<size_t>(worker_floats * threads));
 
-    // Every core already runs one of these workers; a multi-threaded BLAS call would
-    // oversubscribe them. The setting is process-wide, hence made here, outside the region.
-    // BLAS runs single-threaded process-wide (blas.h), so each worker calls it directly.
+    // Every core already runs one of these workers, so each calls BLAS single-threaded. The
+    // engine sets this once for the process (blas.h); repeating it here costs nothing and
+    // keeps callers without an engine (bindings, tests) off OpenBLAS's own thread pool.
+    use_single_threaded_blas();
 #pragma omp parallel num_threads(threads)
     {
       float* base = scratch.data() + worker_floats * omp_get_thread_num();
