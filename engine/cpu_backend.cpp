@@ -232,8 +232,13 @@ class CpuBackend final : public Backend {
         } else {
           panel = weight.data<float>() + first * in_features;
         }
-        kcpu::sgemm(false, true, rows, count, in_features, 1.f, input, in_features, panel,
-                    in_features, 0.f, output + first, out_features);
+        if (rows == 1) {  // decode: a matrix-vector product, which sgemm handles poorly
+          kcpu::sgemv(false, count, in_features, 1.f, panel, in_features, input, 0.f,
+                      output + first);
+        } else {
+          kcpu::sgemm(false, true, rows, count, in_features, 1.f, input, in_features, panel,
+                      in_features, 0.f, output + first, out_features);
+        }
       }
     }
   }

@@ -67,6 +67,17 @@ inline float exp2_nonpositive(float x) {
   return x < -126.f ? 0.f : p * scale;
 }
 
+// Pulls the next KV block into L2 while the current one is being computed. One head's rows
+// sit kv_token_stride apart (16 KiB for 32 heads of 128), one row per 4 KiB page at best, so
+// the hardware prefetchers, which stay inside a page, never run ahead of the walk.
+void prefetch_rows(const float* rows, int count, int64_t row_stride, int64_t row_floats) {
+  constexpr int64_t kLineFloats = 64 / sizeof(float);
+  for (int i = 0; i < count; ++i) {
+    const float* row = rows + i * row_stride;
+    for (int64_t j = 0; j < row_floats; j += kLineFloats) __builtin_prefetch(row + j, 0, 2);
+  }
+}
+
 // The row loops below work on sub-blocks of kSimdFloats scores with per-lane accumulators, so
 // that each sub-block lives in registers. (An `omp simd reduction` loop was left scalar by gcc 12
 // once inlined into the OpenMP worker: 2x slower prefill.)
@@ -240,13 +251,21 @@ class AttentionRunner {
     const int32_t* blocks = p_.block_table + static_cast<int64_t>(item.seq) * p_.block_table_stride;
     const int64_t head_offset = static_cast<int64_t>(item.kv_head) * p_.kv_head_stride;
 
+    const auto kv_offset = [&](int64_t token) {
+      return static_cast<int64_t>(blocks[token / p_.block_size]) * p_.kv_block_stride +
+             (token % p_.block_size) * p_.kv_token_stride + head_offset;
+    };
+
+    int n = kv_end > 0 ? contiguous_kv_run(blocks, 0, kv_end) : 0;
     for (int64_t kv_start = 0; kv_start < kv_end;) {
-      const int n = contiguous_kv_run(blocks, kv_start, kv_end);
-      const int64_t page_offset = static_cast<int64_t>(blocks[kv_start / p_.block_size]) *
-                                      p_.kv_block_stride +
-                                  (kv_start % p_.block_size) * p_.kv_token_stride + head_offset;
-      const float* k = p_.k_cache + page_offset;
-      const float* v = p_.v_cache + page_offset;
+      const float* k = p_.k_cache + kv_offset(kv_start);
+      const float* v = p_.v_cache + kv_offset(kv_start);
+      const int64_t next_start = kv_start + n;
+      const int next_n = next_start < kv_end ? contiguous_kv_run(blocks, next_start, kv_end) : 0;
+      if (next_n > 0) {
+        prefetch_rows(p_.k_cache + kv_offset(next_start), next_n, p_.kv_token_stride, d);
+        prefetch_rows(p_.v_cache + kv_offset(next_start), next_n, p_.kv_token_stride, d);
+      }
 
       // Tiling-mask, full tiles: every key is at or before the earliest query. In a partial
       // tile the rows whose token comes before the block's first key see none of it; they are
@@ -290,7 +309,8 @@ class AttentionRunner {
 
       sgemm(false, false, active_rows, d, n, 1.f, scores, kKvBlockTokens, v, p_.kv_token_stride,
             1.f, o_acc, q_ld_);
-      kv_start += n;
+      kv_start = next_start;
+      n = next_n;
     }
 
     for (int r = 0; r < rows; ++r) {

@@ -19,6 +19,14 @@ inline void sgemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int6
                     static_cast<blasint>(ldc));
 }
 
+// Row-major y[M] = alpha * A[M,N] · x[N] + beta * y (A transposed when transpose_a).
+inline void sgemv(bool transpose_a, int64_t m, int64_t n, float alpha, const float* a, int64_t lda,
+                  const float* x, float beta, float* y) {
+  scipy_cblas_sgemv(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans,
+                    static_cast<blasint>(m), static_cast<blasint>(n), alpha, a,
+                    static_cast<blasint>(lda), x, 1, beta, y, 1);
+}
+
 // OpenBLAS runs single-threaded for the whole process; callers split big products across
 // their own OpenMP threads. The wheel's OpenBLAS is built on pthreads: a second thread pool
 // next to OpenMP's spins on the cores the other needs, and switching its thread count around
