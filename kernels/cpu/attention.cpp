@@ -21,16 +21,14 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // First level: KV tokens per score block. 256 columns keep the score tile and one K/V block
 // in L2 while giving sgemm an N (or K) dimension long enough to amortise its packing.
-#ifndef KVB
-#define KVB 256
-#endif
-#ifndef TROWS
-#define TROWS 128
-#endif
-constexpr int kKvBlockTokens = KVB;
-// Query rows per tile (tokens x heads of a GQA group). 128 rows measured best for prefill on
-// 2 AVX-512 cores with head_dim 128 (64: -4 %, 256: -3 %).
-constexpr int kTileRows = TROWS;
+constexpr int kKvBlockTokens = 256;
+// KV tokens per block when a tile holds several KV heads (decode), see run_tile.
+constexpr int kMultiHeadKvBlockTokens = 64;
+// Query rows per tile (tokens x heads of a GQA group). 128 and 256 measured alike for prefill
+// on 2 AVX-512 cores with head_dim 128.
+constexpr int kTileRows = 128;
+// Tiles with at most this many rows per KV head count as decode tiles (see make_work_items).
+constexpr int kMaxDecodeRowsPerHead = 16;
 // Second level: one AVX-512 register of scores; the SIMD loops below work in these units.
 constexpr int kSimdFloats = 16;
 
@@ -65,17 +63,6 @@ inline float exp2_nonpositive(float x) {
   float scale;
   std::memcpy(&scale, &exponent_bits, sizeof(scale));
   return x < -126.f ? 0.f : p * scale;
-}
-
-// Pulls the next KV block into L2 while the current one is being computed. One head's rows
-// sit kv_token_stride apart (16 KiB for 32 heads of 128), one row per 4 KiB page at best, so
-// the hardware prefetchers, which stay inside a page, never run ahead of the walk.
-void prefetch_rows(const float* rows, int count, int64_t row_stride, int64_t row_floats) {
-  constexpr int64_t kLineFloats = 64 / sizeof(float);
-  for (int i = 0; i < count; ++i) {
-    const float* row = rows + i * row_stride;
-    for (int64_t j = 0; j < row_floats; j += kLineFloats) __builtin_prefetch(row + j, 0, 2);
-  }
 }
 
 // The row loops below work on sub-blocks of kSimdFloats scores with per-lane accumulators, so
@@ -120,14 +107,16 @@ void scale_row(float* row, int n, float factor) {
   for (int j = 0; j < n; ++j) row[j] *= factor;
 }
 
-// One unit of parallel work: a tile of consecutive query tokens of one sequence, for all
-// query heads that share one KV head.
+// One unit of parallel work: a tile of consecutive query tokens of one sequence, for the query
+// heads of `num_kv_heads` consecutive KV heads. Prefill tiles hold one KV head; decode tiles
+// (a few rows per head) hold several, see make_work_items.
 struct WorkItem {
   int32_t seq;
-  int32_t kv_head;
+  int32_t first_kv_head;
+  int32_t num_kv_heads;
   int32_t first_token;  // within the sequence's queries
   int32_t num_tokens;
-  int64_t cost;  // KV tokens the tile walks, to schedule long tiles first
+  int64_t cost;  // KV tokens the tile walks, times its heads: schedules long tiles first
 };
 
 // Scratch of one worker, sized once for the largest tile.
@@ -141,8 +130,9 @@ struct WorkerBuffers {
 
 class AttentionRunner {
  public:
-  explicit AttentionRunner(const AttentionParams& params)
+  AttentionRunner(const AttentionParams& params, int threads)
       : p_(params),
+        threads_(threads),
         group_(params.num_heads / params.num_kv_heads),
         head_dim_(params.head_dim),
         q_ld_(round_up(params.head_dim, kSimdFloats)) {}
@@ -150,11 +140,10 @@ class AttentionRunner {
   void run() {
     std::vector<WorkItem> items = make_work_items();
     if (items.empty()) return;
+    const int threads =
+        static_cast<int>(std::min<int64_t>(threads_, static_cast<int64_t>(items.size())));
 
-    int threads = p_.num_threads > 0 ? p_.num_threads : omp_get_max_threads();
-    threads = static_cast<int>(std::min<int64_t>(threads, static_cast<int64_t>(items.size())));
-
-    const int64_t rows = static_cast<int64_t>(max_tile_tokens_) * group_;
+    const int64_t rows = max_tile_rows_;
     const int64_t q_floats = round_up(rows * q_ld_, kSimdFloats);
     const int64_t score_floats = rows * kKvBlockTokens;
     const int64_t stats_floats = round_up(rows, kSimdFloats);
@@ -184,18 +173,36 @@ class AttentionRunner {
     // Enough tokens for kTileRows rows, but a decode step (one token) still packs the whole
     // GQA group into one tile so that the products are matrix-matrix, not matrix-vector.
     const int tile_tokens = std::max(1, kTileRows / group_);
+    // Decode-sized tiles also take several KV heads and walk the cache token block by token
+    // block, reading every head of a token before moving on. One head's rows alone are
+    // kv_token_stride apart, a page each, which the prefetchers and the TLB cannot follow:
+    // measured 8 GB/s for one head at a time against 13 GB/s for all 32 heads together.
+    // The heads are split only as far as needed to give every thread a tile.
+    int64_t small_tiles = 0;
+    for (int32_t seq = 0; seq < p_.batch; ++seq) {
+      const int32_t q_len = p_.cu_seqlens_q[seq + 1] - p_.cu_seqlens_q[seq];
+      if (q_len > 0 && q_len * group_ <= kMaxDecodeRowsPerHead) small_tiles += 1;
+    }
+    int head_splits = 1;
+    while (small_tiles * head_splits < threads_ && head_splits < p_.num_kv_heads) head_splits *= 2;
+    const int32_t heads_per_small_tile =
+        (p_.num_kv_heads + head_splits - 1) / std::min(head_splits, p_.num_kv_heads);
+
     std::vector<WorkItem> items;
-    max_tile_tokens_ = 0;
+    max_tile_rows_ = 0;
     for (int32_t seq = 0; seq < p_.batch; ++seq) {
       const int32_t q_len = p_.cu_seqlens_q[seq + 1] - p_.cu_seqlens_q[seq];
       const int32_t kv_len = p_.seqlens_kv[seq];
+      const int32_t heads_per_tile =
+          q_len * group_ <= kMaxDecodeRowsPerHead ? heads_per_small_tile : 1;
       for (int32_t first = 0; first < q_len; first += tile_tokens) {
         const int32_t count = std::min(tile_tokens, q_len - first);
-        max_tile_tokens_ = std::max(max_tile_tokens_, count);
         const int64_t last_position = kv_len - q_len + first + count - 1;
-        const int64_t cost = p_.causal ? last_position + 1 : kv_len;
-        for (int32_t kv_head = 0; kv_head < p_.num_kv_heads; ++kv_head) {
-          items.push_back({seq, kv_head, first, count, cost});
+        const int64_t walk = p_.causal ? last_position + 1 : kv_len;
+        for (int32_t head = 0; head < p_.num_kv_heads; head += heads_per_tile) {
+          const int32_t heads = std::min(heads_per_tile, p_.num_kv_heads - head);
+          max_tile_rows_ = std::max(max_tile_rows_, count * group_ * heads);
+          items.push_back({seq, head, heads, first, count, walk * heads});
         }
       }
     }
@@ -207,37 +214,38 @@ class AttentionRunner {
 
   // Number of KV tokens from `start` readable through one pointer: up to the end of its cache
   // page, extended over following pages while the block table lists physically adjacent blocks
-  // (the common case for a freshly allocated cache), capped at one score block.
-  int contiguous_kv_run(const int32_t* blocks, int64_t start, int64_t end) const {
+  // (the common case for a freshly allocated cache), capped at `limit`.
+  int contiguous_kv_run(const int32_t* blocks, int64_t start, int64_t end, int limit) const {
     const int64_t bs = p_.block_size;
     const bool pages_abut = p_.kv_block_stride == bs * p_.kv_token_stride;
     int64_t page = start / bs;
     int64_t run_end = std::min(end, (page + 1) * bs);
-    while (pages_abut && run_end < end && run_end - start < kKvBlockTokens &&
+    while (pages_abut && run_end < end && run_end - start < limit &&
            blocks[page + 1] == blocks[page] + 1) {
       ++page;
       run_end = std::min(end, (page + 1) * bs);
     }
-    return static_cast<int>(std::min<int64_t>(run_end - start, kKvBlockTokens));
+    return static_cast<int>(std::min<int64_t>(run_end - start, limit));
   }
 
+  // Rows of a tile are head-major: [kv head of the tile][token][query head of its group].
   void run_tile(const WorkItem& item, const WorkerBuffers& buf) const {
     const int64_t d = head_dim_;
-    const int rows = item.num_tokens * group_;
+    const int head_rows = item.num_tokens * group_;
+    const int rows = head_rows * item.num_kv_heads;
     const int32_t q_start = p_.cu_seqlens_q[item.seq];
     const int32_t q_len = p_.cu_seqlens_q[item.seq + 1] - q_start;
     const int32_t kv_len = p_.seqlens_kv[item.seq];
-    // Position of the tile's first query; row r belongs to token r / group_.
+    // Position of the tile's first query; row r of a head belongs to token r / group_.
     const int64_t first_position = static_cast<int64_t>(kv_len) - q_len + item.first_token;
     const int64_t last_position = first_position + item.num_tokens - 1;
-    const int32_t first_head = item.kv_head * group_;
+    const int32_t first_head = item.first_kv_head * group_;
 
-    for (int t = 0; t < item.num_tokens; ++t) {
-      const int64_t token = q_start + item.first_token + t;
-      for (int g = 0; g < group_; ++g) {
-        const float* src = p_.q + token * p_.q_token_stride + (first_head + g) * p_.q_head_stride;
-        std::memcpy(buf.q_tile + (t * group_ + g) * q_ld_, src, sizeof(float) * d);
-      }
+    for (int r = 0; r < rows; ++r) {
+      const int64_t token = q_start + item.first_token + (r % head_rows) / group_;
+      const int32_t head = first_head + (r / head_rows) * group_ + r % group_;
+      std::memcpy(buf.q_tile + r * q_ld_, p_.q + token * p_.q_token_stride + head * p_.q_head_stride,
+                  sizeof(float) * d);
     }
     std::memset(buf.o_acc, 0, sizeof(float) * rows * q_ld_);
     std::fill(buf.row_max, buf.row_max + rows, kNegInf);
@@ -249,73 +257,33 @@ class AttentionRunner {
     // the walk ends there.
     const int64_t kv_end = p_.causal ? std::min<int64_t>(kv_len, last_position + 1) : kv_len;
     const int32_t* blocks = p_.block_table + static_cast<int64_t>(item.seq) * p_.block_table_stride;
-    const int64_t head_offset = static_cast<int64_t>(item.kv_head) * p_.kv_head_stride;
+    // With several heads the blocks are shorter so that a block of every head stays in L2
+    // while the heads take their turns (64 tokens: 13 GB/s, 256: 11 GB/s, 32 heads of 128).
+    const int block_limit = item.num_kv_heads > 1 ? kMultiHeadKvBlockTokens : kKvBlockTokens;
 
-    const auto kv_offset = [&](int64_t token) {
-      return static_cast<int64_t>(blocks[token / p_.block_size]) * p_.kv_block_stride +
-             (token % p_.block_size) * p_.kv_token_stride + head_offset;
-    };
-
-    int n = kv_end > 0 ? contiguous_kv_run(blocks, 0, kv_end) : 0;
     for (int64_t kv_start = 0; kv_start < kv_end;) {
-      const float* k = p_.k_cache + kv_offset(kv_start);
-      const float* v = p_.v_cache + kv_offset(kv_start);
-      const int64_t next_start = kv_start + n;
-      const int next_n = next_start < kv_end ? contiguous_kv_run(blocks, next_start, kv_end) : 0;
-      if (next_n > 0) {
-        prefetch_rows(p_.k_cache + kv_offset(next_start), next_n, p_.kv_token_stride, d);
-        prefetch_rows(p_.v_cache + kv_offset(next_start), next_n, p_.kv_token_stride, d);
-      }
-
+      const int n = contiguous_kv_run(blocks, kv_start, kv_end, block_limit);
+      const int64_t token_offset =
+          static_cast<int64_t>(blocks[kv_start / p_.block_size]) * p_.kv_block_stride +
+          (kv_start % p_.block_size) * p_.kv_token_stride;
       // Tiling-mask, full tiles: every key is at or before the earliest query. In a partial
       // tile the rows whose token comes before the block's first key see none of it; they are
-      // leading rows, left out of both products (half the diagonal block's work).
+      // leading rows of each head, left out of both products (half the diagonal block's work).
       const bool full = !p_.causal || kv_start + n - 1 <= first_position;
-      const int first_row =
+      const int skipped_rows =
           full ? 0 : static_cast<int>(std::max<int64_t>(0, kv_start - first_position) * group_);
-      const int active_rows = rows - first_row;
-      float* scores = buf.scores + static_cast<int64_t>(first_row) * kKvBlockTokens;
-      float* o_acc = buf.o_acc + first_row * q_ld_;
-
-      sgemm(false, true, active_rows, n, d, score_scale, buf.q_tile + first_row * q_ld_, q_ld_, k,
-            p_.kv_token_stride, 0.f, scores, kKvBlockTokens);
-
-      for (int r = first_row; r < rows; ++r) {
-        float* score_row = buf.scores + static_cast<int64_t>(r) * kKvBlockTokens;
-        // Partial tiles: the mask is generated from indices, as the count of leading keys
-        // this row may see; the masked tail gets probability 0.
-        int visible = n;
-        if (!full) {
-          const int64_t position = first_position + r / group_;
-          visible = static_cast<int>(std::clamp<int64_t>(position - kv_start + 1, 0, n));
-          std::fill(score_row + visible, score_row + n, 0.f);
-        }
-        const float old_max = buf.row_max[r];
-        const float new_max = std::max(old_max, row_max(score_row, visible));
-        if (new_max == kNegInf) {
-          // No key visible yet: nothing to accumulate, and exp2(-inf - -inf) would be NaN.
-          std::fill(score_row, score_row + visible, 0.f);
-          continue;
-        }
-        const float correction = exp2_nonpositive(old_max - new_max);
-        const float sum = exp2_shifted_sum(score_row, visible, new_max);
-        buf.row_max[r] = new_max;
-        buf.row_sum[r] = buf.row_sum[r] * correction + sum;
-        // The accumulator is still zero before a row's first key, so it needs no rescale.
-        if (old_max != kNegInf && correction != 1.f) {
-          scale_row(buf.o_acc + r * q_ld_, static_cast<int>(d), correction);
-        }
+      for (int h = 0; h < item.num_kv_heads; ++h) {
+        const int64_t offset =
+            token_offset + static_cast<int64_t>(item.first_kv_head + h) * p_.kv_head_stride;
+        attend_block(buf, h * head_rows, head_rows, skipped_rows, p_.k_cache + offset,
+                     p_.v_cache + offset, n, kv_start, full, first_position, score_scale);
       }
-
-      sgemm(false, false, active_rows, d, n, 1.f, scores, kKvBlockTokens, v, p_.kv_token_stride,
-            1.f, o_acc, q_ld_);
-      kv_start = next_start;
-      n = next_n;
+      kv_start += n;
     }
 
     for (int r = 0; r < rows; ++r) {
-      const int64_t token = q_start + item.first_token + r / group_;
-      const int32_t head = first_head + r % group_;
+      const int64_t token = q_start + item.first_token + (r % head_rows) / group_;
+      const int32_t head = first_head + (r / head_rows) * group_ + r % group_;
       float* dst = p_.out + token * p_.out_token_stride + head * p_.out_head_stride;
       const float sum = buf.row_sum[r];
       // A row that saw no key keeps sum 0: zero output and lse -inf, never 0/0.
@@ -330,11 +298,57 @@ class AttentionRunner {
     }
   }
 
+  // Rows [skipped_rows, head_rows) of one KV head's rows, which start at tile row head_row0,
+  // attend to n keys starting at position kv_start: scores, online softmax update, P·V.
+  void attend_block(const WorkerBuffers& buf, int head_row0, int head_rows, int skipped_rows,
+                    const float* k, const float* v, int n, int64_t kv_start, bool full,
+                    int64_t first_position, float score_scale) const {
+    const int64_t d = head_dim_;
+    const int first_row = head_row0 + skipped_rows;
+    const int end_row = head_row0 + head_rows;
+    const int active_rows = end_row - first_row;
+    if (active_rows <= 0) return;
+    float* scores = buf.scores + static_cast<int64_t>(first_row) * kKvBlockTokens;
+    sgemm(false, true, active_rows, n, d, score_scale, buf.q_tile + first_row * q_ld_, q_ld_, k,
+          p_.kv_token_stride, 0.f, scores, kKvBlockTokens);
+
+    for (int r = first_row; r < end_row; ++r) {
+      float* score_row = buf.scores + static_cast<int64_t>(r) * kKvBlockTokens;
+      // Partial tiles: the mask is generated from indices, as the count of leading keys this
+      // row may see; the masked tail gets probability 0.
+      int visible = n;
+      if (!full) {
+        const int64_t position = first_position + (r - head_row0) / group_;
+        visible = static_cast<int>(std::clamp<int64_t>(position - kv_start + 1, 0, n));
+        std::fill(score_row + visible, score_row + n, 0.f);
+      }
+      const float old_max = buf.row_max[r];
+      const float new_max = std::max(old_max, row_max(score_row, visible));
+      if (new_max == kNegInf) {
+        // No key visible yet: nothing to accumulate, and exp2(-inf - -inf) would be NaN.
+        std::fill(score_row, score_row + visible, 0.f);
+        continue;
+      }
+      const float correction = exp2_nonpositive(old_max - new_max);
+      const float sum = exp2_shifted_sum(score_row, visible, new_max);
+      buf.row_max[r] = new_max;
+      buf.row_sum[r] = buf.row_sum[r] * correction + sum;
+      // The accumulator is still zero before a row's first key, so it needs no rescale.
+      if (old_max != kNegInf && correction != 1.f) {
+        scale_row(buf.o_acc + r * q_ld_, static_cast<int>(d), correction);
+      }
+    }
+
+    sgemm(false, false, active_rows, d, n, 1.f, scores, kKvBlockTokens, v, p_.kv_token_stride,
+          1.f, buf.o_acc + first_row * q_ld_, q_ld_);
+  }
+
   const AttentionParams& p_;
+  const int threads_;
   const int group_;
   const int64_t head_dim_;
   const int64_t q_ld_;  // row stride of the q and output tiles, padded to whole registers
-  int32_t max_tile_tokens_ = 0;
+  int32_t max_tile_rows_ = 0;
 };
 
 }  // namespace
@@ -386,7 +400,8 @@ std::string attention_unsupported_reason(const AttentionParams& p) {
 void attention(const AttentionParams& params) {
   const std::string reason = attention_unsupported_reason(params);
   if (!reason.empty()) throw std::invalid_argument("attention: " + reason);
-  AttentionRunner(params).run();
+  const int threads = params.num_threads > 0 ? params.num_threads : omp_get_max_threads();
+  AttentionRunner(params, threads).run();
 }
 
 }  // namespace ftengine::kernels::cpu

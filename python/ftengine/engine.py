@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from . import _C
-from .config import ModelConfig, load_config
+from .checkpoint import open_checkpoint
+from .config import ModelConfig
 from .errors import ContextLengthError, FtengineError, InvalidTokenError
-from .loader import check_against_spec, index_tensors, stream_weights
+from .loader import check_against_spec, stream_weights
 from .sampling import SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -67,10 +68,10 @@ class Engine:
     """A loaded model ready to generate. Build it with Engine.from_pretrained."""
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer, runtime: _C.Runtime,
-                 model_dir: Path, dtype: str) -> None:
+                 name: str, dtype: str) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.model_dir = model_dir
+        self.name = name
         self.dtype = dtype
         self._runtime = runtime
 
@@ -88,10 +89,12 @@ class Engine:
         block_size: int = 128,
         progress: bool = True,
     ) -> Engine:
-        """Loads a Hugging Face model directory (config.json, *.safetensors, tokenizer files).
+        """Loads a model: a Hugging Face directory (config.json, *.safetensors, tokenizer
+        files), a llama.cpp GGUF file (quantised weights are dequantised at load), or a known
+        model name (see ftengine.checkpoint.KNOWN_MODELS).
 
         dtype stores the weight matrices as "float32" or "bfloat16" (default: bfloat16 when the
-        checkpoint is bfloat16, else float32); arithmetic is float32 either way. num_threads
+        checkpoint is bfloat16, else float32; GGUF files default to float32); arithmetic is float32 either way. num_threads
         defaults to every core. kv_cache_tokens sizes the paged KV cache shared by all requests;
         max_batch_tokens caps the tokens of one forward step (longer prompts are prefilled in
         chunks) and max_num_seqs the requests decoded together.
@@ -103,18 +106,12 @@ class Engine:
             )
         if dtype is not None and dtype not in _WEIGHT_DTYPES:
             raise FtengineError(f"dtype must be one of {_WEIGHT_DTYPES}, got {dtype!r}")
-        model_dir = Path(path)
-        if not model_dir.is_dir():
-            raise FtengineError(f"{model_dir} is not a model directory")
-        config = load_config(model_dir)
-        tokenizer = Tokenizer.from_pretrained(model_dir)
-        entries = index_tensors(model_dir)
-        if dtype is None:
-            dtype = "bfloat16" if any(e.dtype == "BF16" for e in entries.values()) else "float32"
+        checkpoint = open_checkpoint(path)
+        config = checkpoint.config
+        dtype = dtype or checkpoint.default_dtype
         native_config = config.native_dict(dtype)
-        needed = check_against_spec(
-            entries, _C.expected_weights(native_config), model_dir, config.tie_word_embeddings
-        )
+        needed = check_against_spec(checkpoint.entries, _C.expected_weights(native_config),
+                                    checkpoint.name, config.tie_word_embeddings)
         if kv_cache_tokens is None:
             kv_cache_tokens = _default_kv_cache_tokens(config, max_num_seqs)
         runtime = _C.Runtime(
@@ -125,9 +122,10 @@ class Engine:
             max_step_tokens=max_batch_tokens,
             max_sequences=max_num_seqs,
         )
-        stream_weights(needed, runtime.add_weight, progress, f"loading {model_dir.name}")
+        stream_weights(needed, runtime.add_weight, progress,
+                       f"loading {Path(checkpoint.name).name}")
         runtime.build()
-        return cls(config, tokenizer, runtime, model_dir, dtype)
+        return cls(config, checkpoint.tokenizer, runtime, checkpoint.name, dtype)
 
     # ---- prompts -------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import json
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,10 @@ _DTYPES = {
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where one tensor lives: file, dtype, shape and byte range of its data."""
+    """Where one safetensors tensor lives: file, dtype, shape and byte range of its data.
+
+    Every checkpoint format's entries offer name, shape, dtype, source, supported, nbytes and
+    read(), which is all check_against_spec and stream_weights use."""
 
     name: str
     path: Path
@@ -36,6 +40,28 @@ class TensorEntry:
     shape: tuple[int, ...]
     begin: int  # absolute byte offsets in the file
     end: int
+
+    @property
+    def source(self) -> str:
+        return self.path.name
+
+    @property
+    def supported(self) -> bool:
+        return self.dtype in _DTYPES
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    def read(self) -> tuple[np.ndarray, str]:
+        """The tensor's items (memory-mapped, not copied) and the dtype name the runtime takes."""
+        numpy_dtype, native_dtype = _DTYPES[self.dtype]
+        items = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.begin,
+                          shape=(self.nbytes,))
+        array = items.view(numpy_dtype).reshape(self.shape)
+        if native_dtype == "float16":  # no float16 storage on the CPU: widen exactly
+            return array.astype(np.float32), "float32"
+        return array, native_dtype
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -99,11 +125,11 @@ def index_tensors(model_dir: Path) -> dict[str, TensorEntry]:
 
 
 def check_against_spec(
-    entries: dict[str, TensorEntry],
+    entries: dict[str, Any],
     expected: list[tuple[str, list[int]]],
-    model_dir: Path,
+    checkpoint: str,
     tie_word_embeddings: bool,
-) -> list[TensorEntry]:
+) -> list[Any]:
     """The entries the model needs, in spec order; raises on anything missing, misshapen,
     of an unsupported dtype, or unexpected."""
     needed = []
@@ -111,18 +137,18 @@ def check_against_spec(
         entry = entries.get(name)
         if entry is None:
             raise MissingWeightError(
-                f"tensor {name} is missing from the checkpoint in {model_dir}; the config implies "
+                f"tensor {name} is missing from the checkpoint {checkpoint}; the config implies "
                 f"it with shape {list(shape)}"
             )
         if list(entry.shape) != list(shape):
             raise WeightShapeError(
-                f"tensor {name} in {entry.path.name} has shape {list(entry.shape)} but the config "
+                f"tensor {name} in {entry.source} has shape {list(entry.shape)} but the config "
                 f"implies {list(shape)}: does config.json belong to these weights?"
             )
-        if entry.dtype not in _DTYPES:
+        if not entry.supported:
             raise WeightShapeError(
-                f"tensor {name} in {entry.path.name} has dtype {entry.dtype}; supported: "
-                f"{', '.join(_DTYPES)}"
+                f"tensor {name} in {entry.source} has dtype {entry.dtype}, which ftengine "
+                f"cannot read"
             )
         needed.append(entry)
     wanted = {name for name, _ in expected}
@@ -136,25 +162,14 @@ def check_against_spec(
     if unexpected:
         shown = ", ".join(sorted(unexpected)[:5])
         raise WeightShapeError(
-            f"the checkpoint in {model_dir} holds {len(unexpected)} tensor(s) this architecture "
+            f"the checkpoint {checkpoint} holds {len(unexpected)} tensor(s) this architecture "
             f"does not use ({shown}): is the config's architecture right?"
         )
     return needed
 
 
-def read_tensor(entry: TensorEntry) -> tuple[np.ndarray, str]:
-    """The tensor's items (memory-mapped, not copied) and the dtype name the runtime takes."""
-    numpy_dtype, native_dtype = _DTYPES[entry.dtype]
-    items = np.memmap(entry.path, dtype=np.uint8, mode="r", offset=entry.begin,
-                      shape=(entry.end - entry.begin,))
-    array = items.view(numpy_dtype).reshape(entry.shape)
-    if native_dtype == "float16":  # no float16 storage on the CPU: widen exactly
-        return array.astype(np.float32), "float32"
-    return array, native_dtype
-
-
 def stream_weights(
-    entries: list[TensorEntry],
+    entries: list[Any],
     add: Callable[[str, np.ndarray, str], None],
     progress: bool,
     description: str,
@@ -162,10 +177,10 @@ def stream_weights(
     """Hands each tensor to `add` with a progress bar sized in bytes."""
     from tqdm import tqdm
 
-    total = sum(entry.end - entry.begin for entry in entries)
+    total = sum(entry.nbytes for entry in entries)
     with tqdm(total=total, unit="B", unit_scale=True, desc=description, disable=not progress,
               leave=False) as bar:
         for entry in entries:
-            array, dtype = read_tensor(entry)
+            array, dtype = entry.read()
             add(entry.name, array, dtype)
-            bar.update(entry.end - entry.begin)
+            bar.update(entry.nbytes)
