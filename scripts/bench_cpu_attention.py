@@ -19,7 +19,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from ftengine import _C
 
 BLOCK_SIZE = 256
@@ -34,7 +33,7 @@ def median_seconds(fns, warmup, runs):
             fn()
     times = [[] for _ in fns]
     for _ in range(runs):
-        for fn, samples in zip(fns, times):
+        for fn, samples in zip(fns, times, strict=True):
             start = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - start)
@@ -146,25 +145,39 @@ def main():
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, float32, head_dim {HEAD_DIM}, "
-          f"block_size {BLOCK_SIZE}; prefill is causal, batch 1; "
-          "prefill S=8192 uses 8 heads (not 32) to bound the run time", flush=True)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, float32, head_dim {HEAD_DIM}, "
+        f"block_size {BLOCK_SIZE}; prefill is causal, batch 1; "
+        "prefill S=8192 uses 8 heads (not 32) to bound the run time",
+        flush=True,
+    )
 
-    header = (f"{'kind':8}{'S_q':>6}{'S_kv':>7}{'H':>4}{'KVH':>4}{'ours ms':>10}{'torch ms':>10}"
-              f"{'speedup':>11}{'ours GF/s':>10}{'torch GF/s':>11}{'ours GB/s':>10}")
+    header = (
+        f"{'kind':8}{'S_q':>6}{'S_kv':>7}{'H':>4}{'KVH':>4}{'ours ms':>10}{'torch ms':>10}"
+        f"{'speedup':>11}{'ours GF/s':>10}{'torch GF/s':>11}{'ours GB/s':>10}"
+    )
     results = []
     rows = []
     for i, (kind, q_len, kv_len, heads, kv_heads) in enumerate(configs(args.quick)):
-        print(f"[{i + 1}] {kind} S_q={q_len} S_kv={kv_len} H={heads} KVH={kv_heads} ...",
-              end=" ", flush=True)
-        r = bench_config(kind, q_len, kv_len, heads, kv_heads, args.threads, args.warmup,
-                         args.runs, seed=i)
-        print(f"ours {r['ours_ms']:.2f} ms, torch {r['torch_ms']:.2f} ms, "
-              f"speedup {r['speedup']:.2f}x", flush=True)
+        print(
+            f"[{i + 1}] {kind} S_q={q_len} S_kv={kv_len} H={heads} KVH={kv_heads} ...",
+            end=" ",
+            flush=True,
+        )
+        r = bench_config(
+            kind, q_len, kv_len, heads, kv_heads, args.threads, args.warmup, args.runs, seed=i
+        )
+        print(
+            f"ours {r['ours_ms']:.2f} ms, torch {r['torch_ms']:.2f} ms, "
+            f"speedup {r['speedup']:.2f}x",
+            flush=True,
+        )
         results.append(r)
-        rows.append(f"{kind:8}{q_len:>6}{kv_len:>7}{heads:>4}{kv_heads:>4}{r['ours_ms']:>10.2f}"
-                    f"{r['torch_ms']:>10.2f}{r['speedup']:>10.2f}x{r['ours_gflops']:>10.1f}"
-                    f"{r['torch_gflops']:>11.1f}{r['ours_kv_gbps']:>10.1f}")
+        rows.append(
+            f"{kind:8}{q_len:>6}{kv_len:>7}{heads:>4}{kv_heads:>4}{r['ours_ms']:>10.2f}"
+            f"{r['torch_ms']:>10.2f}{r['speedup']:>10.2f}x{r['ours_gflops']:>10.1f}"
+            f"{r['torch_gflops']:>11.1f}{r['ours_kv_gbps']:>10.1f}"
+        )
     print()
     print("speedup = torch time / our time (> 1 means ours is faster)")
     print(header)

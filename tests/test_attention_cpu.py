@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from ftengine import _C
 
 
@@ -22,7 +21,7 @@ def reference_attention(q, keys, values, q_lens, kv_lens, scale, causal):
     out = torch.zeros(num_tokens, num_heads, head_dim, dtype=torch.float64)
     lse = torch.full((num_tokens, num_heads), -math.inf, dtype=torch.float64)
     start = 0
-    for k, v, q_len, kv_len in zip(keys, values, q_lens, kv_lens):
+    for k, v, q_len, kv_len in zip(keys, values, q_lens, kv_lens, strict=True):
         if q_len == 0 or kv_len == 0:
             start += q_len
             continue
@@ -69,7 +68,7 @@ def make_case(
     block_table = np.full((len(kv_lens), max_blocks), -1, dtype=np.int32)
     keys, values = [], []
     next_block = 0
-    for seq, (kv_len, count) in enumerate(zip(kv_lens, blocks_per_seq)):
+    for seq, (kv_len, count) in enumerate(zip(kv_lens, blocks_per_seq, strict=True)):
         ids = order[next_block : next_block + count]
         next_block += count
         block_table[seq, :count] = ids
@@ -167,6 +166,22 @@ def test_decode(num_heads, num_kv_heads, block_size):
     q_lens = [1] * len(kv_lens)
     case = make_case(q_lens, kv_lens, num_heads, num_kv_heads, 128, block_size, seed=7)
     run_and_check(case, q_lens, kv_lens, causal=True)
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,num_threads", [(8, 8, 3), (12, 6, 4), (32, 8, 2), (4, 1, 2)]
+)
+def test_single_decode_splits_heads(num_heads, num_kv_heads, num_threads):
+    # One decode sequence: its KV heads are split across tiles so that every thread works.
+    case = make_case([1], [777], num_heads, num_kv_heads, 64, 16, seed=num_kv_heads)
+    run_and_check(case, [1], [777], causal=True, num_threads=num_threads)
+
+
+@pytest.mark.parametrize("q_len", [2, 4])
+def test_short_chunk_multi_head_tile(q_len):
+    # A few queries per head share decode-style multi-head tiles, with a partial causal mask.
+    case = make_case([q_len, 1], [300, 45], 8, 4, 80, 16, seed=q_len)
+    run_and_check(case, [q_len, 1], [300, 45], causal=True, num_threads=2)
 
 
 def test_contiguous_blocks_merge_across_pages():

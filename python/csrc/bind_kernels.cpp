@@ -87,9 +87,10 @@ std::tuple<py::array_t<float>, py::array_t<float>> attention_cpu(
   check_dim(block_table, "block_table", 0, batch, "the batch size len(seqlens_kv)");
   check_dim(cu_seqlens_q, "cu_seqlens_q", 0, batch + 1, "len(seqlens_kv) + 1");
   if (head_dim == 0 || num_heads == 0 || num_kv_heads == 0 || block_size == 0) {
-    throw std::invalid_argument("head_dim, num_heads, num_kv_heads and block_size must be "
-                                "non-zero; got q shape " + shape_string(q) +
-                                ", k_cache shape " + shape_string(k_cache));
+    throw std::invalid_argument(
+        "head_dim, num_heads, num_kv_heads and block_size must be "
+        "non-zero; got q shape " +
+        shape_string(q) + ", k_cache shape " + shape_string(k_cache));
   }
   if (num_heads % num_kv_heads != 0) {
     throw std::invalid_argument("q's num_heads (" + std::to_string(num_heads) +
@@ -137,8 +138,8 @@ std::tuple<py::array_t<float>, py::array_t<float>> attention_cpu(
     const int64_t q_len = static_cast<int64_t>(cu[seq + 1]) - cu[seq];
     if (q_len > kv_len) {
       throw std::invalid_argument("sequence " + std::to_string(seq) + " has " +
-                                  std::to_string(q_len) + " query tokens but seqlens_kv = " +
-                                  std::to_string(kv_len) +
+                                  std::to_string(q_len) +
+                                  " query tokens but seqlens_kv = " + std::to_string(kv_len) +
                                   "; the queries must be the last tokens of the cache");
     }
     // Only the blocks that hold this sequence's tokens are read; the rest of the row is
@@ -147,10 +148,10 @@ std::tuple<py::array_t<float>, py::array_t<float>> attention_cpu(
     for (int64_t i = 0; i < used_blocks; ++i) {
       const int32_t block = table[seq * max_blocks + i];
       if (block < 0 || block >= num_blocks) {
-        throw std::invalid_argument("block_table[" + std::to_string(seq) + ", " +
-                                    std::to_string(i) + "] = " + std::to_string(block) +
-                                    " is not a valid block index (num_blocks = " +
-                                    std::to_string(num_blocks) + ")");
+        throw std::invalid_argument(
+            "block_table[" + std::to_string(seq) + ", " + std::to_string(i) +
+            "] = " + std::to_string(block) +
+            " is not a valid block index (num_blocks = " + std::to_string(num_blocks) + ")");
       }
     }
   }

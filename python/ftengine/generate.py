@@ -1,7 +1,8 @@
 """Generate text with a model on the command line.
 
+    python -m ftengine.generate                                  # chat with SmolLM2-135M-Instruct
+    python -m ftengine.generate --prompt "What is the capital of France?"
     python -m ftengine.generate --model PATH --prompt "Once upon a time" --max-new-tokens 64
-    python -m ftengine.generate --model PATH --chat            # interactive conversation
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import sys
 import time
 
+from .checkpoint import DEFAULT_MODEL, KNOWN_MODELS
 from .errors import FtengineError
 from .sampling import SamplingParams
 
@@ -21,13 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
         "produced; loading progress and timings go to stderr.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", required=True,
-                        help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    parser.add_argument("--model", default=None,
+                        help="a Hugging Face model directory (config.json, *.safetensors, "
+                        "tokenizer), a llama.cpp .gguf file, or a known model name: "
+                        + ", ".join(f"{name} ({what})" for name, (_, _, what)
+                                    in KNOWN_MODELS.items())
+                        + f". Default: {DEFAULT_MODEL}, in chat mode")
     parser.add_argument("--prompt", action="append", default=None,
                         help="prompt text; repeat for a batch of prompts (generated together)")
-    parser.add_argument("--chat", action="store_true",
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                         help="use the model's chat template; without --prompt, start an "
-                        "interactive multi-turn chat")
+                        "interactive multi-turn chat (default: on for the default model)")
     parser.add_argument("--system", default=None, help="system message for --chat")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=0.0,
@@ -89,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .engine import Engine
 
+    if args.chat is None:
+        args.chat = args.model is None
+    model = args.model or DEFAULT_MODEL
+
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -97,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params.validate()
         started = time.perf_counter()
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+        engine = Engine.from_pretrained(model, device=args.device, dtype=args.dtype,
                                         num_threads=args.threads, progress=not args.quiet)
         if not args.quiet:
-            print(f"loaded {args.model} in {time.perf_counter() - started:.1f} s "
+            print(f"loaded {model} in {time.perf_counter() - started:.1f} s "
                   f"({engine.dtype} weights)", file=sys.stderr)
         if args.chat and not args.prompt:
             _interactive_chat(engine, params, args.system)
