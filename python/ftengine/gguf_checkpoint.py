@@ -78,19 +78,28 @@ class GgufEntry:
     def read(self) -> tuple[np.ndarray, str]:
         from gguf import quants
 
-        data = self.tensor.data
+        data = np.asarray(self.tensor.data)
         try:
-            if self.dtype == "F32":
-                return np.asarray(data, dtype=np.float32).reshape(self.shape), "float32"
-            if self.dtype == "F16":
-                return np.asarray(data).view(np.float16).astype(np.float32).reshape(self.shape), \
-                    "float32"
-            if self.dtype == "BF16":
-                return np.asarray(data).view(np.uint16).reshape(self.shape), "bfloat16"
-            values = quants.dequantize(data, self.tensor.tensor_type)
-            return np.ascontiguousarray(values, dtype=np.float32).reshape(self.shape), "float32"
+            with np.errstate(all="ignore"):  # corrupt scales are reported below, by name
+                if self.dtype == "BF16":
+                    values, native = data.view(np.uint16).reshape(self.shape), "bfloat16"
+                    finite = not ((values & 0x7F80) == 0x7F80).any()
+                else:
+                    if self.dtype == "F32":
+                        values = data.view(np.float32)
+                    elif self.dtype == "F16":
+                        values = data.view(np.float16).astype(np.float32)
+                    else:
+                        values = quants.dequantize(data, self.tensor.tensor_type)
+                    values = np.ascontiguousarray(values, dtype=np.float32).reshape(self.shape)
+                    native, finite = "float32", np.isfinite(values).all()
         except (ValueError, TypeError) as bad:
             raise WeightFileError(f"cannot read tensor {self.source}: {bad}") from None
+        # A flipped bit in a block scale decodes to inf or NaN for a whole block: never load it.
+        if not finite:
+            raise WeightFileError(f"tensor {self.source} holds non-finite values: the file is "
+                                  f"corrupt")
+        return values, native
 
 
 def _read_file(path: Path):
