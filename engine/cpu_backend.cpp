@@ -116,7 +116,7 @@ class CpuBackend final : public Backend {
       require_f32(*bias, "linear bias");
       float* y = out.data<float>();
       const float* b = bias->data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows > 1)
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t c = 0; c < out_features; ++c) y[r * out_features + c] += b[c];
       }

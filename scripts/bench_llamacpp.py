@@ -67,16 +67,21 @@ def bench_llamacpp(path: Path, prompt: list[int], new_tokens: int, threads: int,
 
     llm = Llama(model_path=str(path), n_ctx=4096, n_batch=len(prompt), n_ubatch=len(prompt),
                 n_threads=threads, n_threads_batch=threads, verbose=False)
+    vocab = llm.n_vocab()
+
+    def greedy_next() -> int:  # logits of the last evaluated token
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
+
     prefill, decode = [], []
     for _ in range(repeats + 1):
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = greedy_next()
         first = time.perf_counter()
         for _ in range(new_tokens - 1):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = greedy_next()
         end = time.perf_counter()
         prefill.append(len(prompt) / (first - start))
         decode.append((new_tokens - 1) / (end - first))

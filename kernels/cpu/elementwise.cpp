@@ -7,9 +7,15 @@
 
 namespace ftengine::kernels::cpu {
 
+namespace {
+// Below this many elements a row-wise op runs on the calling thread: waking the team costs
+// more than the work (a decode step has one row of a few thousand elements per op).
+constexpr int64_t kParallelElements = 1 << 15;
+}  // namespace
+
 void rmsnorm(const float* x, const float* weight, int64_t rows, int64_t cols, float eps,
              float* out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * cols > kParallelElements)
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * cols;
     float* out_row = out + r * cols;
@@ -23,12 +29,12 @@ void rmsnorm(const float* x, const float* weight, int64_t rows, int64_t cols, fl
 }
 
 void add_inplace(float* x, const float* y, int64_t count) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (count > kParallelElements)
   for (int64_t i = 0; i < count; ++i) x[i] += y[i];
 }
 
 void silu_mul(const float* gate_up, int64_t rows, int64_t cols, float* out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * cols > kParallelElements)
   for (int64_t r = 0; r < rows; ++r) {
     const float* gate = gate_up + r * 2 * cols;
     const float* up = gate + cols;
@@ -40,7 +46,7 @@ void silu_mul(const float* gate_up, int64_t rows, int64_t cols, float* out) {
 
 void embedding_f32(const float* table, const int32_t* ids, int64_t rows, int64_t cols,
                    float* out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * cols > kParallelElements)
   for (int64_t r = 0; r < rows; ++r) {
     std::memcpy(out + r * cols, table + static_cast<int64_t>(ids[r]) * cols, cols * sizeof(float));
   }
@@ -48,7 +54,7 @@ void embedding_f32(const float* table, const int32_t* ids, int64_t rows, int64_t
 
 void embedding_bf16(const uint16_t* table, const int32_t* ids, int64_t rows, int64_t cols,
                     float* out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * cols > kParallelElements)
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* source = table + static_cast<int64_t>(ids[r]) * cols;
     float* destination = out + r * cols;

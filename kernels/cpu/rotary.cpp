@@ -32,7 +32,8 @@ void rotate_head(const float* in, const float* cos, const float* sin, int32_t ro
 
 void rotary_cache_write(const RotaryCacheWriteParams& p) {
   const int32_t half = p.rotary_dim / 2;
-#pragma omp parallel
+  // One decode token's heads are too little work to wake the thread team for.
+#pragma omp parallel if (p.tokens > 1)
   {
     std::vector<float> cos(half), sin(half);
 #pragma omp for schedule(static)
