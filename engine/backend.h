@@ -46,12 +46,16 @@ class Backend {
   // The dtype activations and the KV cache are kept in on this backend.
   virtual DType activation_dtype() const = 0;
 
-  // out[t] = table[ids[t]]
-  virtual void embedding(const Tensor& table, const std::vector<int32_t>& ids, Tensor& out) = 0;
+  // out[t] = table[ids[t] - first_id], or zeros for ids outside the table's rows (a
+  // vocabulary-parallel shard starting at first_id).
+  virtual void embedding(const Tensor& table, const std::vector<int32_t>& ids, int64_t first_id,
+                         Tensor& out) = 0;
   // out = x · weightᵀ (+ bias); weight is [out_features, in_features] as in HF checkpoints.
   virtual void linear(const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& out) = 0;
   virtual void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
   virtual void add_inplace(Tensor& x, const Tensor& y) = 0;
+  // x[row] += bias for every row.
+  virtual void add_bias(Tensor& x, const Tensor& bias) = 0;
   // gate_up = [gate | up] per row; out = silu(gate) * up.
   virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
   virtual void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) = 0;

@@ -85,20 +85,18 @@ class CpuBackend final : public Backend {
     return stacked;
   }
 
-  void embedding(const Tensor& table, const std::vector<int32_t>& ids, Tensor& out) override {
+  void embedding(const Tensor& table, const std::vector<int32_t>& ids, int64_t first_id,
+                 Tensor& out) override {
     require_f32(out, "embedding output");
     const int64_t rows = static_cast<int64_t>(ids.size()), cols = table.dim(1);
     require(out.numel() == rows * cols, "embedding output has the wrong size");
-    for (int32_t id : ids) {
-      require(id >= 0 && id < table.dim(0), "token id " + std::to_string(id) +
-                                                " is outside the vocabulary of " +
-                                                std::to_string(table.dim(0)));
-    }
     if (table.dtype() == DType::kBFloat16) {
-      kcpu::embedding_bf16(table.data<uint16_t>(), ids.data(), rows, cols, out.data<float>());
+      kcpu::embedding_bf16(table.data<uint16_t>(), table.dim(0), first_id, ids.data(), rows, cols,
+                           out.data<float>());
     } else {
       require_f32(table, "embedding table");
-      kcpu::embedding_f32(table.data<float>(), ids.data(), rows, cols, out.data<float>());
+      kcpu::embedding_f32(table.data<float>(), table.dim(0), first_id, ids.data(), rows, cols,
+                          out.data<float>());
     }
   }
 
@@ -112,15 +110,13 @@ class CpuBackend final : public Backend {
     require(weight.dtype() == DType::kFloat32 || weight.dtype() == DType::kBFloat16,
             "linear weight must be float32 or bfloat16, got " + weight.describe());
     linear_partitioned(x, weight, out);
-    if (bias != nullptr) {
-      require_f32(*bias, "linear bias");
-      float* y = out.data<float>();
-      const float* b = bias->data<float>();
-#pragma omp parallel for schedule(static) if (rows > 1)
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t c = 0; c < out_features; ++c) y[r * out_features + c] += b[c];
-      }
-    }
+    if (bias != nullptr) add_bias(out, *bias);
+  }
+
+  void add_bias(Tensor& x, const Tensor& bias) override {
+    require_f32(bias, "bias");
+    require(bias.numel() == x.dim(-1), "bias of " + bias.describe() + " for " + x.describe());
+    kcpu::add_bias(x.data<float>(), bias.data<float>(), x.numel() / x.dim(-1), x.dim(-1));
   }
 
   void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {

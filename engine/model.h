@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/communicator.h"
 #include "engine/forward_batch.h"
 #include "engine/kv_cache.h"
 #include "engine/tensor.h"
@@ -46,16 +47,36 @@ struct ModelConfig {
   DType weight_dtype = DType::kFloat32;  // storage of matrices; vectors (norms, biases) are float32
 };
 
+// Which shard of the model a rank holds (Megatron-style tensor parallelism).
+struct TensorParallel {
+  int rank = 0;
+  int size = 1;
+};
+
+// A tensor of the checkpoint and the part of it this rank loads: the whole tensor when
+// shard_axis < 0, else indices [shard_begin, shard_begin + shard_count) along shard_axis.
 struct WeightSpec {
   std::string name;
-  Shape shape;
+  Shape shape;  // as stored in the checkpoint
+  int shard_axis = -1;
+  int64_t shard_begin = 0;
+  int64_t shard_count = 0;
+
+  Shape local_shape() const {
+    Shape local = shape;
+    if (shard_axis >= 0) local[shard_axis] = shard_count;
+    return local;
+  }
 };
 
 class Model {
  public:
   virtual ~Model() = default;
   virtual const ModelConfig& config() const = 0;
-  // One forward step over the batch; returns float32 logits [batch.logits_rows.size(), vocab].
+  // KV heads this rank keeps in its cache (all of them without tensor parallelism).
+  virtual int32_t local_kv_heads() const = 0;
+  // One forward step over the batch; returns float32 logits [batch.logits_rows.size(), vocab],
+  // the full vocabulary on every rank.
   virtual Tensor forward(const ForwardBatch& batch, KvCache& cache) = 0;
 };
 

@@ -50,12 +50,15 @@ Tensor Tensor::reshaped(Shape shape) const {
   return view;
 }
 
-Tensor Tensor::first_rows(int64_t rows) const {
-  if (rank() == 0 || rows < 0 || rows > shape_[0]) {
-    throw std::invalid_argument("cannot take " + std::to_string(rows) + " rows of " + describe());
+Tensor Tensor::row_range(int64_t begin, int64_t count) const {
+  if (rank() == 0 || begin < 0 || count < 0 || begin + count > shape_[0]) {
+    throw std::invalid_argument("cannot take rows [" + std::to_string(begin) + ", " +
+                                std::to_string(begin + count) + ") of " + describe());
   }
   Tensor view = *this;
-  view.shape_[0] = rows;
+  const int64_t row_elements = shape_[0] > 0 ? numel() / shape_[0] : 0;
+  view.offset_bytes_ += static_cast<size_t>(begin * row_elements) * dtype_size(dtype_);
+  view.shape_[0] = count;
   return view;
 }
 

@@ -1,6 +1,6 @@
 // A dense, contiguous, row-major tensor on one device. Copies share the buffer (like a
-// shared_ptr); views are not needed because every op takes whole tensors and the few
-// strided accesses (fused QKV, paged KV) live inside kernels with explicit strides.
+// shared_ptr). The only views are ranges of leading-axis rows, which stay contiguous; strided
+// accesses (fused QKV, paged KV) live inside kernels with explicit strides.
 #pragma once
 
 #include <cstdint>
@@ -31,7 +31,9 @@ class Tensor {
   Device device() const { return buffer_ ? buffer_->device : Device::kCpu; }
   bool defined() const { return buffer_ != nullptr; }
 
-  void* raw() const { return buffer_ ? buffer_->data : nullptr; }
+  void* raw() const {
+    return buffer_ ? static_cast<char*>(buffer_->data) + offset_bytes_ : nullptr;
+  }
   template <typename T>
   T* data() const {
     return static_cast<T*>(raw());
@@ -41,7 +43,9 @@ class Tensor {
   Tensor reshaped(Shape shape) const;
   // Same buffer, the first `rows` rows of the leading axis (workspaces sized for the largest
   // step serve every smaller one without reallocating).
-  Tensor first_rows(int64_t rows) const;
+  Tensor first_rows(int64_t rows) const { return row_range(0, rows); }
+  // Same buffer, rows [begin, begin + count) of the leading axis (token tiles).
+  Tensor row_range(int64_t begin, int64_t count) const;
 
   std::string describe() const;  // "bfloat16[576, 1536]"
 
@@ -60,6 +64,7 @@ class Tensor {
   Shape shape_;
   DType dtype_ = DType::kFloat32;
   std::shared_ptr<Buffer> buffer_;
+  size_t offset_bytes_ = 0;  // start of this view inside buffer_
 };
 
 }  // namespace ftengine

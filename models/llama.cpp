@@ -1,5 +1,6 @@
 #include "models/llama.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -19,6 +20,54 @@ Tensor take_stacked(Backend& backend, WeightStore& weights, const std::vector<st
   return parts.size() == 1 ? parts.front() : backend.concat_rows(parts);
 }
 
+// How the model splits over tensor-parallel ranks (Megatron-style): attention heads, the MLP's
+// intermediate size and the vocabulary are divided; when there are fewer KV heads than ranks,
+// each KV head is replicated on tp / kv_heads consecutive ranks.
+struct ShardPlan {
+  int rank = 0, size = 1;
+  int32_t heads = 0;         // query heads on this rank
+  int32_t kv_heads = 0;      // KV heads on this rank
+  int32_t first_head = 0;    // first query head
+  int32_t first_kv_head = 0;
+  int32_t intermediate = 0;  // MLP width on this rank
+  int32_t vocab = 0;         // vocabulary rows on this rank
+  int32_t first_token = 0;   // first vocabulary id on this rank
+
+  ShardPlan(const ModelConfig& c, const TensorParallel& parallel)
+      : rank(parallel.rank), size(parallel.size) {
+    auto require = [&](bool ok, const std::string& what) {
+      if (!ok) {
+        throw std::invalid_argument("cannot split the model over " + std::to_string(size) +
+                                    " tensor-parallel ranks: " + what);
+      }
+    };
+    require(size >= 1 && rank >= 0 && rank < size, "rank out of range");
+    require(c.num_heads % size == 0, std::to_string(c.num_heads) +
+                                         " attention heads are not divisible by " +
+                                         std::to_string(size));
+    require(c.num_kv_heads % size == 0 || size % c.num_kv_heads == 0,
+            std::to_string(c.num_kv_heads) + " KV heads neither divide nor are divisible by " +
+                std::to_string(size));
+    require(c.intermediate_size % size == 0, "intermediate_size " +
+                                                 std::to_string(c.intermediate_size) +
+                                                 " is not divisible by " + std::to_string(size));
+    require(c.vocab_size % size == 0, "vocab_size " + std::to_string(c.vocab_size) +
+                                          " is not divisible by " + std::to_string(size));
+    heads = c.num_heads / size;
+    first_head = rank * heads;
+    if (c.num_kv_heads >= size) {
+      kv_heads = c.num_kv_heads / size;
+      first_kv_head = rank * kv_heads;
+    } else {
+      kv_heads = 1;
+      first_kv_head = rank * c.num_kv_heads / size;
+    }
+    intermediate = c.intermediate_size / size;
+    vocab = c.vocab_size / size;
+    first_token = rank * vocab;
+  }
+};
+
 struct LlamaLayer {
   Tensor input_norm, post_attention_norm;
   Tensor qkv_weight, qkv_bias;  // [(H + 2 KV) · head_dim, hidden]
@@ -35,8 +84,13 @@ struct Workspace {
 
 class LlamaModel final : public Model {
  public:
-  LlamaModel(const ModelConfig& config, WeightStore& weights, Backend& backend)
-      : config_(config), backend_(backend) {
+  LlamaModel(const ModelConfig& config, WeightStore& weights, Backend& backend,
+             std::shared_ptr<Communicator> communicator, int32_t allreduce_tile_tokens)
+      : config_(config),
+        backend_(backend),
+        communicator_(std::move(communicator)),
+        plan_(config, {communicator_->rank(), communicator_->size()}),
+        allreduce_tile_tokens_(allreduce_tile_tokens) {
     embed_tokens_ = weights.take("model.embed_tokens.weight");
     final_norm_ = weights.take("model.norm.weight");
     lm_head_ = config.tie_word_embeddings ? embed_tokens_ : weights.take("lm_head.weight");
@@ -69,8 +123,8 @@ class LlamaModel final : public Model {
       layers_.push_back(std::move(layer));
     }
     inv_freq_ = rope_inv_freq(config.rope, config.head_dim);
-    attention_shape_.num_heads = config.num_heads;
-    attention_shape_.num_kv_heads = config.num_kv_heads;
+    attention_shape_.num_heads = plan_.heads;
+    attention_shape_.num_kv_heads = plan_.kv_heads;
     attention_shape_.head_dim = config.head_dim;
     attention_shape_.softmax_scale = 1.f / std::sqrt(static_cast<float>(config.head_dim));
     attention_shape_.causal = true;
@@ -80,12 +134,13 @@ class LlamaModel final : public Model {
   }
 
   const ModelConfig& config() const override { return config_; }
+  int32_t local_kv_heads() const override { return plan_.kv_heads; }
 
   Tensor forward(const ForwardBatch& batch, KvCache& cache) override {
     const int64_t tokens = batch.num_tokens();
     reserve(tokens);
     const auto& c = config_;
-    const int64_t q_width = static_cast<int64_t>(c.num_heads) * c.head_dim;
+    const int64_t q_width = static_cast<int64_t>(plan_.heads) * c.head_dim;
     Tensor hidden = workspace_.hidden.first_rows(tokens);
     Tensor normed = workspace_.normed.first_rows(tokens);
     Tensor qkv = workspace_.qkv.first_rows(tokens);
@@ -95,7 +150,8 @@ class LlamaModel final : public Model {
     Tensor gate_up = workspace_.gate_up.first_rows(tokens);
     Tensor activated = workspace_.activated.first_rows(tokens);
 
-    backend_.embedding(embed_tokens_, batch.token_ids, hidden);
+    backend_.embedding(embed_tokens_, batch.token_ids, plan_.first_token, hidden);
+    if (plan_.size > 1) communicator_->allreduce_sum(hidden.data<float>(), hidden.numel());
     for (int i = 0; i < c.num_layers; ++i) {
       const LlamaLayer& layer = layers_[i];
       const LayerKvCache& layer_cache = cache.layer(i);
@@ -104,29 +160,85 @@ class LlamaModel final : public Model {
       backend_.rotary_cache_write(qkv, batch, attention_shape_, rotary_, q, layer_cache);
       backend_.attention(q, batch, attention_shape_, layer_cache, cache.shape().block_size,
                          attention_out, nullptr);
-      backend_.linear(attention_out.reshaped({tokens, q_width}), layer.o_weight,
-                      bias(layer.o_bias), projected);
+      row_parallel_linear(attention_out.reshaped({tokens, q_width}), layer.o_weight,
+                          layer.o_bias, projected);
       backend_.add_inplace(hidden, projected);
 
       backend_.rmsnorm(hidden, layer.post_attention_norm, c.norm_eps, normed);
       backend_.linear(normed, layer.gate_up_weight, bias(layer.gate_up_bias), gate_up);
       backend_.silu_mul(gate_up, activated);
-      backend_.linear(activated, layer.down_weight, bias(layer.down_bias), projected);
+      row_parallel_linear(activated, layer.down_weight, layer.down_bias, projected);
       backend_.add_inplace(hidden, projected);
     }
 
     const int64_t rows = static_cast<int64_t>(batch.logits_rows.size());
-    Tensor selected = backend_.empty({rows, c.hidden_size}, backend_.activation_dtype());
+    const DType dtype = backend_.activation_dtype();
+    Tensor selected = backend_.empty({rows, c.hidden_size}, dtype);
     backend_.gather_rows(hidden, batch.logits_rows, selected);
-    Tensor selected_normed = backend_.empty({rows, c.hidden_size}, backend_.activation_dtype());
+    Tensor selected_normed = backend_.empty({rows, c.hidden_size}, dtype);
     backend_.rmsnorm(selected, final_norm_, c.norm_eps, selected_normed);
-    Tensor logits = backend_.empty({rows, c.vocab_size}, backend_.activation_dtype());
-    backend_.linear(selected_normed, lm_head_, nullptr, logits);
-    return logits;
+    Tensor local_logits = backend_.empty({rows, plan_.vocab}, dtype);
+    backend_.linear(selected_normed, lm_head_, nullptr, local_logits);
+    if (plan_.size == 1) return local_logits;
+    return gather_vocabulary(local_logits);
   }
 
  private:
   static const Tensor* bias(const Tensor& tensor) { return tensor.defined() ? &tensor : nullptr; }
+
+  // Row-parallel projection (o_proj, down_proj): each rank multiplies its slice of the input
+  // features, and the partial outputs are summed over ranks. Tiling-AllReduce (FastAttention
+  // §3.3): the tokens are split into tiles and tile i's sum runs while tile i+1 is multiplied.
+  // The bias is added once, after the sum.
+  void row_parallel_linear(const Tensor& x, const Tensor& weight, const Tensor& bias_tensor,
+                           Tensor& out) {
+    const int64_t tokens = x.dim(0);
+    const int64_t tile = plan_.size == 1 ? tokens : allreduce_tile(tokens);
+    for (int64_t begin = 0; begin < tokens; begin += tile) {
+      const int64_t count = std::min(tile, tokens - begin);
+      Tensor out_tile = out.row_range(begin, count);
+      backend_.linear(x.row_range(begin, count), weight, nullptr, out_tile);
+      if (plan_.size > 1 && tile < tokens) {
+        communicator_->start_allreduce_sum(out_tile.data<float>(), out_tile.numel());
+        communicator_->progress();
+      }
+    }
+    if (plan_.size > 1) {
+      if (tile < tokens) {
+        communicator_->wait_all();
+      } else {
+        communicator_->allreduce_sum(out.data<float>(), out.numel());
+      }
+    }
+    if (bias_tensor.defined()) backend_.add_bias(out, bias_tensor);
+  }
+
+  // Tokens per AllReduce tile: the configured count, or by default a quarter of the step with
+  // at least kMinTileTokens, so each tile's matrix product stays large enough to run at speed
+  // and decode steps (too few tokens to split) fall back to one AllReduce.
+  int64_t allreduce_tile(int64_t tokens) const {
+    static constexpr int64_t kMinTileTokens = 64;
+    if (allreduce_tile_tokens_ < 0) return tokens;
+    if (allreduce_tile_tokens_ > 0) return std::min<int64_t>(allreduce_tile_tokens_, tokens);
+    if (tokens < 2 * kMinTileTokens) return tokens;
+    return std::max(kMinTileTokens, (tokens + 3) / 4);
+  }
+
+  // Each rank computed logits for its vocabulary slice; every rank gets all of them, in order.
+  Tensor gather_vocabulary(const Tensor& local_logits) {
+    const int64_t rows = local_logits.dim(0), slice = plan_.vocab;
+    Tensor gathered = backend_.empty({plan_.size, rows, slice}, DType::kFloat32);
+    communicator_->allgather(local_logits.data<float>(), local_logits.numel(),
+                             gathered.data<float>());
+    Tensor logits = backend_.empty({rows, config_.vocab_size}, DType::kFloat32);
+    for (int r = 0; r < plan_.size; ++r) {
+      for (int64_t row = 0; row < rows; ++row) {
+        std::copy_n(gathered.data<float>() + (r * rows + row) * slice, slice,
+                    logits.data<float>() + row * config_.vocab_size + r * slice);
+      }
+    }
+    return logits;
+  }
 
   void reserve(int64_t tokens) {
     if (tokens <= workspace_.capacity) return;
@@ -136,17 +248,20 @@ class LlamaModel final : public Model {
     auto make = [&](Shape shape) { return backend_.empty(std::move(shape), dtype); };
     workspace_.hidden = make({tokens, c.hidden_size});
     workspace_.normed = make({tokens, c.hidden_size});
-    workspace_.qkv = make({tokens, (c.num_heads + 2LL * c.num_kv_heads) * head_width});
-    workspace_.q = make({tokens, c.num_heads, head_width});
-    workspace_.attention_out = make({tokens, c.num_heads, head_width});
+    workspace_.qkv = make({tokens, (plan_.heads + 2LL * plan_.kv_heads) * head_width});
+    workspace_.q = make({tokens, plan_.heads, head_width});
+    workspace_.attention_out = make({tokens, plan_.heads, head_width});
     workspace_.projected = make({tokens, c.hidden_size});
-    workspace_.gate_up = make({tokens, 2LL * c.intermediate_size});
-    workspace_.activated = make({tokens, c.intermediate_size});
+    workspace_.gate_up = make({tokens, 2LL * plan_.intermediate});
+    workspace_.activated = make({tokens, plan_.intermediate});
     workspace_.capacity = tokens;
   }
 
   ModelConfig config_;
   Backend& backend_;
+  std::shared_ptr<Communicator> communicator_;
+  ShardPlan plan_;
+  int32_t allreduce_tile_tokens_;
   Tensor embed_tokens_, final_norm_, lm_head_;
   std::vector<LlamaLayer> layers_;
   std::vector<float> inv_freq_;
@@ -157,42 +272,61 @@ class LlamaModel final : public Model {
 
 }  // namespace
 
-std::vector<WeightSpec> llama_expected_weights(const ModelConfig& c) {
-  const int64_t hidden = c.hidden_size, inter = c.intermediate_size;
-  const int64_t q_width = static_cast<int64_t>(c.num_heads) * c.head_dim;
-  const int64_t kv_width = static_cast<int64_t>(c.num_kv_heads) * c.head_dim;
-  std::vector<WeightSpec> specs = {{"model.embed_tokens.weight", {c.vocab_size, hidden}},
-                                   {"model.norm.weight", {hidden}}};
-  if (!c.tie_word_embeddings) specs.push_back({"lm_head.weight", {c.vocab_size, hidden}});
+std::vector<WeightSpec> llama_expected_weights(const ModelConfig& c,
+                                              const TensorParallel& parallel) {
+  const ShardPlan plan(c, parallel);
+  const int64_t hidden = c.hidden_size, inter = c.intermediate_size, d = c.head_dim;
+  const int64_t q_width = static_cast<int64_t>(c.num_heads) * d;
+  const int64_t kv_width = static_cast<int64_t>(c.num_kv_heads) * d;
+  const bool split = parallel.size > 1;
+  auto whole = [](std::string name, Shape shape) { return WeightSpec{std::move(name), shape}; };
+  // Shards along `axis` only when there is more than one rank, so single-rank specs stay plain.
+  auto shard = [&](std::string name, Shape shape, int axis, int64_t begin, int64_t count) {
+    return split ? WeightSpec{std::move(name), shape, axis, begin, count}
+                 : WeightSpec{std::move(name), shape};
+  };
+  const int64_t q_begin = plan.first_head * d, q_count = plan.heads * d;
+  const int64_t kv_begin = plan.first_kv_head * d, kv_count = plan.kv_heads * d;
+  const int64_t i_begin = static_cast<int64_t>(plan.rank) * plan.intermediate;
+  const int64_t v_begin = plan.first_token, v_count = plan.vocab;
+
+  std::vector<WeightSpec> specs = {
+      shard("model.embed_tokens.weight", {c.vocab_size, hidden}, 0, v_begin, v_count),
+      whole("model.norm.weight", {hidden})};
+  if (!c.tie_word_embeddings) {
+    specs.push_back(shard("lm_head.weight", {c.vocab_size, hidden}, 0, v_begin, v_count));
+  }
   for (int i = 0; i < c.num_layers; ++i) {
     const std::string p = layer_prefix(i);
-    specs.push_back({p + "input_layernorm.weight", {hidden}});
-    specs.push_back({p + "post_attention_layernorm.weight", {hidden}});
-    specs.push_back({p + "self_attn.q_proj.weight", {q_width, hidden}});
-    specs.push_back({p + "self_attn.k_proj.weight", {kv_width, hidden}});
-    specs.push_back({p + "self_attn.v_proj.weight", {kv_width, hidden}});
-    specs.push_back({p + "self_attn.o_proj.weight", {hidden, q_width}});
+    specs.push_back(whole(p + "input_layernorm.weight", {hidden}));
+    specs.push_back(whole(p + "post_attention_layernorm.weight", {hidden}));
+    specs.push_back(shard(p + "self_attn.q_proj.weight", {q_width, hidden}, 0, q_begin, q_count));
+    specs.push_back(shard(p + "self_attn.k_proj.weight", {kv_width, hidden}, 0, kv_begin, kv_count));
+    specs.push_back(shard(p + "self_attn.v_proj.weight", {kv_width, hidden}, 0, kv_begin, kv_count));
+    specs.push_back(shard(p + "self_attn.o_proj.weight", {hidden, q_width}, 1, q_begin, q_count));
     if (c.attention_bias) {
-      specs.push_back({p + "self_attn.q_proj.bias", {q_width}});
-      specs.push_back({p + "self_attn.k_proj.bias", {kv_width}});
-      specs.push_back({p + "self_attn.v_proj.bias", {kv_width}});
-      specs.push_back({p + "self_attn.o_proj.bias", {hidden}});
+      specs.push_back(shard(p + "self_attn.q_proj.bias", {q_width}, 0, q_begin, q_count));
+      specs.push_back(shard(p + "self_attn.k_proj.bias", {kv_width}, 0, kv_begin, kv_count));
+      specs.push_back(shard(p + "self_attn.v_proj.bias", {kv_width}, 0, kv_begin, kv_count));
+      specs.push_back(whole(p + "self_attn.o_proj.bias", {hidden}));
     }
-    specs.push_back({p + "mlp.gate_proj.weight", {inter, hidden}});
-    specs.push_back({p + "mlp.up_proj.weight", {inter, hidden}});
-    specs.push_back({p + "mlp.down_proj.weight", {hidden, inter}});
+    specs.push_back(shard(p + "mlp.gate_proj.weight", {inter, hidden}, 0, i_begin, plan.intermediate));
+    specs.push_back(shard(p + "mlp.up_proj.weight", {inter, hidden}, 0, i_begin, plan.intermediate));
+    specs.push_back(shard(p + "mlp.down_proj.weight", {hidden, inter}, 1, i_begin, plan.intermediate));
     if (c.mlp_bias) {
-      specs.push_back({p + "mlp.gate_proj.bias", {inter}});
-      specs.push_back({p + "mlp.up_proj.bias", {inter}});
-      specs.push_back({p + "mlp.down_proj.bias", {hidden}});
+      specs.push_back(shard(p + "mlp.gate_proj.bias", {inter}, 0, i_begin, plan.intermediate));
+      specs.push_back(shard(p + "mlp.up_proj.bias", {inter}, 0, i_begin, plan.intermediate));
+      specs.push_back(whole(p + "mlp.down_proj.bias", {hidden}));
     }
   }
   return specs;
 }
 
 std::unique_ptr<Model> make_llama(const ModelConfig& config, WeightStore& weights,
-                                  Backend& backend) {
-  return std::make_unique<LlamaModel>(config, weights, backend);
+                                  Backend& backend, std::shared_ptr<Communicator> communicator,
+                                  int32_t allreduce_tile_tokens) {
+  return std::make_unique<LlamaModel>(config, weights, backend, std::move(communicator),
+                                      allreduce_tile_tokens);
 }
 
 }  // namespace ftengine::models

@@ -9,8 +9,10 @@
 
 namespace ftengine::models {
 
-std::vector<WeightSpec> llama_expected_weights(const ModelConfig& config);
+std::vector<WeightSpec> llama_expected_weights(const ModelConfig& config,
+                                              const TensorParallel& parallel);
 std::unique_ptr<Model> make_llama(const ModelConfig& config, WeightStore& weights,
-                                  Backend& backend);
+                                  Backend& backend, std::shared_ptr<Communicator> communicator,
+                                  int32_t allreduce_tile_tokens);
 
 }  // namespace ftengine::models

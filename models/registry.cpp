@@ -10,8 +10,9 @@ namespace {
 
 struct Architecture {
   const char* name;
-  std::vector<WeightSpec> (*expected_weights)(const ModelConfig&);
-  std::unique_ptr<Model> (*create)(const ModelConfig&, WeightStore&, Backend&);
+  std::vector<WeightSpec> (*expected_weights)(const ModelConfig&, const TensorParallel&);
+  std::unique_ptr<Model> (*create)(const ModelConfig&, WeightStore&, Backend&,
+                                   std::shared_ptr<Communicator>, int32_t);
 };
 
 // Architectures that are the Llama graph under other names and config flags.
@@ -34,13 +35,16 @@ std::vector<std::string> supported_architectures() {
   return names;
 }
 
-std::vector<WeightSpec> expected_weights(const ModelConfig& config) {
-  return find_architecture(config.architecture).expected_weights(config);
+std::vector<WeightSpec> expected_weights(const ModelConfig& config,
+                                         const TensorParallel& parallel) {
+  return find_architecture(config.architecture).expected_weights(config, parallel);
 }
 
 std::unique_ptr<Model> create_model(const ModelConfig& config, WeightStore& weights,
-                                    Backend& backend) {
-  return find_architecture(config.architecture).create(config, weights, backend);
+                                    Backend& backend, std::shared_ptr<Communicator> communicator,
+                                    int32_t allreduce_tile_tokens) {
+  return find_architecture(config.architecture)
+      .create(config, weights, backend, std::move(communicator), allreduce_tile_tokens);
 }
 
 }  // namespace ftengine::models

@@ -59,13 +59,20 @@ def test_silu_mul(ops):
 def test_embedding(ops, dtype):
     table = rng().standard_normal((50, 24)).astype(np.float32)
     ids = np.array([0, 49, 7, 7, 13], dtype=np.int32)
-    expected = table[ids].astype(np.float64)
-    if dtype == "bfloat16":
-        expected = bf16_round(table)[ids]
+    expected = bf16_round(table)[ids] if dtype == "bfloat16" else table[ids].astype(np.float64)
     np.testing.assert_array_equal(ops.embedding(table, ids, dtype), expected)
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        ops.embedding(table, np.array([50], dtype=np.int32), dtype)
 
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_vocabulary_parallel_embedding_shards_sum_to_the_whole(ops, dtype):
+    """Each rank's shard holds ids [first_id, first_id + rows) and gives zeros elsewhere."""
+    table = rng().standard_normal((60, 16)).astype(np.float32)
+    ids = np.array([0, 59, 29, 30, 31, 12], dtype=np.int32)
+    whole = ops.embedding(table, ids, dtype)
+    shards = [ops.embedding(np.ascontiguousarray(table[begin:begin + 30]), ids, dtype, begin)
+              for begin in (0, 30)]
+    np.testing.assert_array_equal(shards[0] + shards[1], whole)
+    np.testing.assert_array_equal(shards[0][1], np.zeros(16))
 
 def rope_reference(x, positions, inv_freq, interleaved):
     """float64 rotation with float32 angles, as transformers computes them."""

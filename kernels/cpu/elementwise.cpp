@@ -1,6 +1,7 @@
 #include "kernels/cpu/elementwise.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 
 #include "kernels/cpu/bfloat16.h"
@@ -44,21 +45,42 @@ void silu_mul(const float* gate_up, int64_t rows, int64_t cols, float* out) {
   }
 }
 
-void embedding_f32(const float* table, const int32_t* ids, int64_t rows, int64_t cols,
-                   float* out) {
+namespace {
+
+template <typename Item, typename Widen>
+void embedding(const Item* table, int64_t table_rows, int64_t first_id, const int32_t* ids,
+               int64_t rows, int64_t cols, float* out, Widen widen) {
 #pragma omp parallel for schedule(static) if (rows * cols > kParallelElements)
   for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(out + r * cols, table + static_cast<int64_t>(ids[r]) * cols, cols * sizeof(float));
+    const int64_t row = static_cast<int64_t>(ids[r]) - first_id;
+    float* destination = out + r * cols;
+    if (row < 0 || row >= table_rows) {
+      std::fill_n(destination, cols, 0.f);
+      continue;
+    }
+    const Item* source = table + row * cols;
+    for (int64_t c = 0; c < cols; ++c) destination[c] = widen(source[c]);
   }
 }
 
-void embedding_bf16(const uint16_t* table, const int32_t* ids, int64_t rows, int64_t cols,
-                    float* out) {
+}  // namespace
+
+void embedding_f32(const float* table, int64_t table_rows, int64_t first_id, const int32_t* ids,
+                   int64_t rows, int64_t cols, float* out) {
+  embedding(table, table_rows, first_id, ids, rows, cols, out, [](float v) { return v; });
+}
+
+void embedding_bf16(const uint16_t* table, int64_t table_rows, int64_t first_id,
+                    const int32_t* ids, int64_t rows, int64_t cols, float* out) {
+  embedding(table, table_rows, first_id, ids, rows, cols, out,
+            [](uint16_t v) { return bf16_to_float(v); });
+}
+
+void add_bias(float* x, const float* bias, int64_t rows, int64_t cols) {
 #pragma omp parallel for schedule(static) if (rows * cols > kParallelElements)
   for (int64_t r = 0; r < rows; ++r) {
-    const uint16_t* source = table + static_cast<int64_t>(ids[r]) * cols;
-    float* destination = out + r * cols;
-    for (int64_t c = 0; c < cols; ++c) destination[c] = bf16_to_float(source[c]);
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) x[r * cols + c] += bias[c];
   }
 }
 

@@ -16,11 +16,16 @@ void add_inplace(float* x, const float* y, int64_t count);
 // gate_up[r] = [gate | up] (2 × cols wide); out[r] = silu(gate) * up.
 void silu_mul(const float* gate_up, int64_t rows, int64_t cols, float* out);
 
-// out[r] = table[ids[r]] widened to float32; ids were validated by the caller.
-void embedding_f32(const float* table, const int32_t* ids, int64_t rows, int64_t cols,
-                   float* out);
-void embedding_bf16(const uint16_t* table, const int32_t* ids, int64_t rows, int64_t cols,
-                    float* out);
+// out[r] = table[ids[r] - first_id] widened to float32 when that row is one of the table's
+// table_rows, else zeros: a vocabulary-parallel shard holds ids [first_id, first_id + table_rows)
+// and the ranks' partial rows are summed afterwards.
+void embedding_f32(const float* table, int64_t table_rows, int64_t first_id, const int32_t* ids,
+                   int64_t rows, int64_t cols, float* out);
+void embedding_bf16(const uint16_t* table, int64_t table_rows, int64_t first_id,
+                    const int32_t* ids, int64_t rows, int64_t cols, float* out);
+
+// x[r] += bias for every row.
+void add_bias(float* x, const float* bias, int64_t rows, int64_t cols);
 
 void bf16_to_f32(const uint16_t* in, int64_t count, float* out);
 void f32_to_bf16(const float* in, int64_t count, uint16_t* out);

@@ -4,11 +4,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <map>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
 #include "engine/backend.h"
+#include "engine/communicator.h"
 #include "engine/generator.h"
 #include "engine/kv_cache.h"
 #include "engine/model.h"
@@ -70,6 +73,7 @@ struct RuntimeOptions {
   int num_threads = 0;
   int32_t kv_cache_tokens = 0;
   int32_t block_size = 0;
+  int32_t allreduce_tile_tokens = 0;  // 0: automatic, -1: one AllReduce per projection
   GeneratorOptions generator;
 };
 
@@ -77,14 +81,21 @@ struct RuntimeOptions {
 // store), add_weight for every tensor, then build (model, KV cache, generator).
 class Runtime {
  public:
-  Runtime(const py::dict& config_dict, const RuntimeOptions& options)
+  Runtime(const py::dict& config_dict, const RuntimeOptions& options,
+          std::shared_ptr<Communicator> communicator)
       : config_(model_config_from_dict(config_dict)),
         options_(options),
+        communicator_(communicator ? std::move(communicator) : make_single_rank_communicator()),
         backend_(make_cpu_backend(options.num_threads)) {
     if (options.block_size <= 0 || options.kv_cache_tokens <= 0) {
       throw std::invalid_argument("block_size and kv_cache_tokens must be positive");
     }
+    for (auto& spec : models::expected_weights(config_, parallel())) {
+      specs_.emplace(spec.name, spec.local_shape());
+    }
   }
+
+  TensorParallel parallel() const { return {communicator_->rank(), communicator_->size()}; }
 
   // Matrices are stored in the config's weight dtype, vectors (norms, biases) in float32.
   // `array` holds float32, or uint16 bits when `source_dtype` is bfloat16.
@@ -96,6 +107,16 @@ class Runtime {
       throw std::invalid_argument("weight " + name + " does not hold " + source + " items");
     }
     Shape shape(contiguous.shape(), contiguous.shape() + contiguous.ndim());
+    // The model reads weights at the shapes it expects: anything else would be read out of
+    // bounds, so it is refused here whatever the loader checked.
+    auto spec = specs_.find(name);
+    if (spec == specs_.end()) {
+      throw std::invalid_argument("weight " + name + " is not used by " + config_.architecture);
+    }
+    if (spec->second != shape) {
+      throw std::invalid_argument("weight " + name + " has shape " + shape_string(shape) +
+                                  "; this rank expects " + shape_string(spec->second));
+    }
     const DType stored = shape.size() >= 2 ? config_.weight_dtype : DType::kFloat32;
     const void* data = contiguous.data();
     py::gil_scoped_release release;
@@ -104,25 +125,29 @@ class Runtime {
 
   void build() {
     require_unbuilt();
+    for (const auto& spec : specs_) {
+      if (!weights_.contains(spec.first)) {
+        throw std::invalid_argument("weight " + spec.first + " was never added");
+      }
+    }
     {
       py::gil_scoped_release release;
-      model_ = models::create_model(config_, weights_, *backend_);
-    }
-    const auto leftover = weights_.names();
-    if (!leftover.empty()) {
-      model_.reset();
-      throw std::invalid_argument("weight " + leftover.front() + " is not used by " +
-                                  config_.architecture);
+      model_ = models::create_model(config_, weights_, *backend_, communicator_,
+                                    options_.allreduce_tile_tokens);
     }
     KvCacheShape shape;
     shape.num_layers = config_.num_layers;
     shape.block_size = options_.block_size;
     shape.num_blocks = (options_.kv_cache_tokens + options_.block_size - 1) / options_.block_size;
-    shape.num_kv_heads = config_.num_kv_heads;
+    shape.num_kv_heads = model_->local_kv_heads();
     shape.head_dim = config_.head_dim;
     cache_ = std::make_unique<KvCache>(shape, backend_->activation_dtype(), *backend_);
     generator_ = std::make_unique<Generator>(*model_, *cache_, *backend_, options_.generator);
   }
+
+  // Serialises every use of the generator: step() runs without the GIL, so two Python threads
+  // could otherwise drive one generator at once.
+  std::mutex& lock() { return mutex_; }
 
   Generator& generator() {
     if (!generator_) throw std::runtime_error("the runtime is not built yet: call build()");
@@ -141,6 +166,9 @@ class Runtime {
 
   ModelConfig config_;
   RuntimeOptions options_;
+  std::shared_ptr<Communicator> communicator_;
+  std::map<std::string, Shape> specs_;  // this rank's shape of every weight
+  std::mutex mutex_;
   // Destroyed in reverse: generator, cache and model before the backend that owns their memory.
   std::unique_ptr<Backend> backend_;
   WeightStore weights_;
@@ -155,14 +183,22 @@ void bind_engine(py::module_& m) {
   m.def("supported_architectures", &models::supported_architectures);
   m.def(
       "expected_weights",
-      [](const py::dict& config) {
-        std::vector<std::pair<std::string, std::vector<int64_t>>> specs;
-        for (auto& spec : models::expected_weights(model_config_from_dict(config))) {
-          specs.emplace_back(spec.name, spec.shape);
+      [](const py::dict& config, int rank, int size) {
+        std::vector<py::tuple> specs;
+        for (auto& spec : models::expected_weights(model_config_from_dict(config), {rank, size})) {
+          specs.push_back(py::make_tuple(spec.name, spec.shape, spec.shard_axis, spec.shard_begin,
+                                         spec.shard_count));
         }
         return specs;
       },
-      "[(name, shape)] of every tensor the architecture of this config needs");
+      py::arg("config"), py::arg("rank") = 0, py::arg("size") = 1,
+      "[(name, shape, shard_axis, shard_begin, shard_count)] of every tensor the architecture "
+      "needs; shard_axis -1 means the rank loads the whole tensor");
+
+  py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
+      .def_property_readonly("rank", &Communicator::rank)
+      .def_property_readonly("size", &Communicator::size);
+  m.def("single_rank_communicator", &make_single_rank_communicator);
 
   py::enum_<FinishReason>(m, "FinishReason")
       .value("none", FinishReason::kNone)
@@ -172,17 +208,21 @@ void bind_engine(py::module_& m) {
 
   py::class_<Runtime>(m, "Runtime")
       .def(py::init([](const py::dict& config, int num_threads, int32_t kv_cache_tokens,
-                       int32_t block_size, int32_t max_step_tokens, int32_t max_sequences) {
+                       int32_t block_size, int32_t max_step_tokens, int32_t max_sequences,
+                       std::shared_ptr<Communicator> communicator,
+                       int32_t allreduce_tile_tokens) {
              RuntimeOptions options;
              options.num_threads = num_threads;
              options.kv_cache_tokens = kv_cache_tokens;
              options.block_size = block_size;
+             options.allreduce_tile_tokens = allreduce_tile_tokens;
              options.generator.max_step_tokens = max_step_tokens;
              options.generator.max_sequences = max_sequences;
-             return std::make_unique<Runtime>(config, options);
+             return std::make_unique<Runtime>(config, options, std::move(communicator));
            }),
            py::arg("config"), py::arg("num_threads"), py::arg("kv_cache_tokens"),
-           py::arg("block_size"), py::arg("max_step_tokens"), py::arg("max_sequences"))
+           py::arg("block_size"), py::arg("max_step_tokens"), py::arg("max_sequences"),
+           py::arg("communicator") = nullptr, py::arg("allreduce_tile_tokens") = 0)
       .def("add_weight", &Runtime::add_weight, py::arg("name"), py::arg("array"),
            py::arg("source_dtype"))
       .def("build", &Runtime::build)
@@ -206,6 +246,8 @@ void bind_engine(py::module_& m) {
             options.seed = seed;
             options.max_new_tokens = max_new_tokens;
             options.stop_token_ids = std::move(stop_token_ids);
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> guard(r.lock());
             return r.generator().add_request(std::move(prompt), options);
           },
           py::arg("prompt"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
@@ -217,6 +259,7 @@ void bind_engine(py::module_& m) {
             std::vector<TokenEvent> events;
             {
               py::gil_scoped_release release;
+              std::lock_guard<std::mutex> guard(r.lock());
               events = r.generator().step();
             }
             std::vector<std::tuple<int64_t, int32_t, FinishReason>> out;
@@ -225,12 +268,23 @@ void bind_engine(py::module_& m) {
             return out;
           },
           "one forward pass; [(request_id, token, finish_reason)]")
-      .def("abort", [](Runtime& r, int64_t id) { r.generator().abort(id); })
-      .def("has_unfinished", [](Runtime& r) { return r.generator().has_unfinished(); })
+      .def("abort",
+           [](Runtime& r, int64_t id) {
+             py::gil_scoped_release release;
+             std::lock_guard<std::mutex> guard(r.lock());
+             r.generator().abort(id);
+           })
+      .def("has_unfinished",
+           [](Runtime& r) {
+             py::gil_scoped_release release;
+             std::lock_guard<std::mutex> guard(r.lock());
+             return r.generator().has_unfinished();
+           })
       .def("prompt_logits", [](Runtime& r, const std::vector<int32_t>& prompt) {
         std::vector<float> logits;
         {
           py::gil_scoped_release release;
+          std::lock_guard<std::mutex> guard(r.lock());
           logits = r.generator().prompt_logits(prompt);
         }
         const int64_t rows = static_cast<int64_t>(prompt.size());

@@ -30,6 +30,12 @@ class CpuOps {
  public:
   explicit CpuOps(int num_threads) : backend_(make_cpu_backend(num_threads)) {}
 
+  static DType parse_storage(const std::string& name) {
+    if (name == "float32") return DType::kFloat32;
+    if (name == "bfloat16") return DType::kBFloat16;
+    throw std::invalid_argument("storage dtype must be float32 or bfloat16, got " + name);
+  }
+
   FloatArray rmsnorm(const FloatArray& x, const FloatArray& weight, float eps) {
     require(x.ndim() == 2 && weight.ndim() == 1 && weight.shape(0) == x.shape(1),
             "rmsnorm wants x [rows, cols] and weight [cols]");
@@ -42,10 +48,13 @@ class CpuOps {
                     const std::optional<FloatArray>& bias, const std::string& weight_dtype) {
     require(x.ndim() == 2 && weight.ndim() == 2 && weight.shape(1) == x.shape(1),
             "linear wants x [rows, in] and weight [out, in]");
-    const DType stored = weight_dtype == "bfloat16" ? DType::kBFloat16 : DType::kFloat32;
+    const DType stored = parse_storage(weight_dtype);
     Tensor w = backend_->from_host(weight.data(), shape_of(weight), DType::kFloat32, stored);
     Tensor b;
-    if (bias) b = in(*bias);
+    if (bias) {
+      require(bias->ndim() == 1 && bias->shape(0) == weight.shape(0), "bias must be [out]");
+      b = in(*bias);
+    }
     Tensor out = backend_->empty({x.shape(0), weight.shape(0)}, DType::kFloat32);
     backend_->linear(in(x), w, bias ? &b : nullptr, out);
     return to_numpy(out);
@@ -58,12 +67,14 @@ class CpuOps {
     return to_numpy(out);
   }
 
-  FloatArray embedding(const FloatArray& table, const IntArray& ids, const std::string& dtype) {
-    const DType stored = dtype == "bfloat16" ? DType::kBFloat16 : DType::kFloat32;
+  FloatArray embedding(const FloatArray& table, const IntArray& ids, const std::string& dtype,
+                       int64_t first_id) {
+    require(table.ndim() == 2 && ids.ndim() == 1, "embedding wants table [rows, cols], ids [n]");
+    const DType stored = parse_storage(dtype);
     Tensor t = backend_->from_host(table.data(), shape_of(table), DType::kFloat32, stored);
     std::vector<int32_t> id_list(ids.data(), ids.data() + ids.size());
     Tensor out = backend_->empty({ids.size(), table.shape(1)}, DType::kFloat32);
-    backend_->embedding(t, id_list, out);
+    backend_->embedding(t, id_list, first_id, out);
     return to_numpy(out);
   }
 
@@ -116,7 +127,7 @@ void bind_ops(py::module_& m) {
            py::arg("weight_dtype") = "float32")
       .def("silu_mul", &CpuOps::silu_mul)
       .def("embedding", &CpuOps::embedding, py::arg("table"), py::arg("ids"),
-           py::arg("dtype") = "float32")
+           py::arg("dtype") = "float32", py::arg("first_id") = 0)
       .def("rotary", &CpuOps::rotary);
 
   m.def(

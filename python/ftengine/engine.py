@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Iterator, Sequence
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _C
+from . import _C, distributed
 from .checkpoint import open_checkpoint
 from .config import ModelConfig
-from .errors import ContextLengthError, FtengineError, InvalidTokenError
+from .errors import ConfigError, ContextLengthError, FtengineError, InvalidTokenError
 from .loader import check_against_spec, stream_weights
 from .sampling import SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
@@ -68,12 +69,18 @@ class Engine:
     """A loaded model ready to generate. Build it with Engine.from_pretrained."""
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer, runtime: _C.Runtime,
-                 name: str, dtype: str) -> None:
+                 name: str, dtype: str, comm=None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.name = name
         self.dtype = dtype
         self._runtime = runtime
+        self._comm = comm  # mpi4py communicator of a tensor-parallel engine, else None
+
+    @property
+    def rank(self) -> int:
+        """This process's tensor-parallel rank (0 without tensor parallelism)."""
+        return self._comm.rank if self._comm is not None else 0
 
     @classmethod
     def from_pretrained(
@@ -88,6 +95,8 @@ class Engine:
         max_num_seqs: int = 16,
         block_size: int = 128,
         progress: bool = True,
+        tp: int = 1,
+        allreduce_tile_tokens: int = 0,
     ) -> Engine:
         """Loads a model: a Hugging Face directory (config.json, *.safetensors, tokenizer
         files), a llama.cpp GGUF file (quantised weights are dequantised at load), or a known
@@ -98,6 +107,10 @@ class Engine:
         defaults to every core. kv_cache_tokens sizes the paged KV cache shared by all requests;
         max_batch_tokens caps the tokens of one forward step (longer prompts are prefilled in
         chunks) and max_num_seqs the requests decoded together.
+
+        tp > 1 splits the model over that many MPI ranks (run under `mpirun -np tp`; every rank
+        makes the same calls). allreduce_tile_tokens sets the token tile of the overlapped
+        AllReduce after row-parallel projections: 0 chooses, -1 turns tiling off.
         """
         if device not in _DEVICES:
             raise FtengineError(
@@ -106,26 +119,66 @@ class Engine:
             )
         if dtype is not None and dtype not in _WEIGHT_DTYPES:
             raise FtengineError(f"dtype must be one of {_WEIGHT_DTYPES}, got {dtype!r}")
-        checkpoint = open_checkpoint(path)
+        comm, communicator = (None, None)
+        if tp != 1:
+            if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+                raise FtengineError(f"tp must be a positive integer, got {tp!r}")
+            comm, communicator = distributed.world(tp)
+        rank = comm.rank if comm is not None else 0
+
+        def on_every_rank(step):
+            """Runs `step`; with several ranks, all of them learn of a failure on any."""
+            if comm is None:
+                return step()
+            result, error = None, None
+            try:
+                result = step()
+            except Exception as failure:  # reported to every rank, then re-raised
+                error = failure
+            distributed.all_succeeded(comm, error)
+            return result
+
+        def open_and_check():
+            checkpoint = open_checkpoint(path)
+            native_config = checkpoint.config.native_dict(dtype or checkpoint.default_dtype)
+            try:
+                specs = _C.expected_weights(native_config, rank, tp)
+            except ValueError as bad:
+                raise ConfigError(f"{checkpoint.name}: {bad}") from None
+            needed = check_against_spec(checkpoint.entries, specs, checkpoint.name,
+                                        checkpoint.config.tie_word_embeddings)
+            return checkpoint, native_config, needed
+
+        checkpoint, native_config, needed = on_every_rank(open_and_check)
         config = checkpoint.config
-        dtype = dtype or checkpoint.default_dtype
-        native_config = config.native_dict(dtype)
-        needed = check_against_spec(checkpoint.entries, _C.expected_weights(native_config),
-                                    checkpoint.name, config.tie_word_embeddings)
+        dtype = native_config["weight_dtype"]
+        if comm is not None:
+            distributed.agree(comm, "the model configuration",
+                              json.dumps(native_config, sort_keys=True))
+            distributed.agree(comm, "the engine settings",
+                              (kv_cache_tokens, max_batch_tokens, max_num_seqs, block_size,
+                               allreduce_tile_tokens))
         if kv_cache_tokens is None:
             kv_cache_tokens = _default_kv_cache_tokens(config, max_num_seqs)
-        runtime = _C.Runtime(
-            native_config,
-            num_threads=num_threads or 0,
-            kv_cache_tokens=kv_cache_tokens,
-            block_size=block_size,
-            max_step_tokens=max_batch_tokens,
-            max_sequences=max_num_seqs,
-        )
-        stream_weights(needed, runtime.add_weight, progress,
-                       f"loading {Path(checkpoint.name).name}")
-        runtime.build()
-        return cls(config, checkpoint.tokenizer, runtime, checkpoint.name, dtype)
+
+        def load():
+            runtime = _C.Runtime(
+                native_config,
+                num_threads=num_threads or 0,
+                kv_cache_tokens=kv_cache_tokens,
+                block_size=block_size,
+                max_step_tokens=max_batch_tokens,
+                max_sequences=max_num_seqs,
+                communicator=communicator,
+                allreduce_tile_tokens=allreduce_tile_tokens,
+            )
+            stream_weights(needed, runtime.add_weight, progress and rank == 0,
+                           f"loading {Path(checkpoint.name).name}")
+            runtime.build()
+            return runtime
+
+        runtime = on_every_rank(load)
+        return cls(config, checkpoint.tokenizer, runtime, checkpoint.name, dtype, comm)
 
     # ---- prompts -------------------------------------------------------------------------
 
@@ -240,6 +293,8 @@ class Engine:
         if not params.ignore_eos:
             stop_ids += sorted(set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids))
         base_seed = params.seed if params.seed is not None else secrets.randbits(63)
+        if self._comm is not None:  # every rank must draw the same tokens
+            base_seed = self._comm.bcast(base_seed, root=0)
         runtime = self._runtime
         # top_k beyond the vocabulary cuts nothing; clamped so it fits the native int32.
         top_k = min(params.top_k, self.config.vocab_size)

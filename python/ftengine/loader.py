@@ -124,16 +124,42 @@ def index_tensors(model_dir: Path) -> dict[str, TensorEntry]:
     return entries
 
 
+@dataclass(frozen=True)
+class ShardRead:
+    """The part of one checkpoint tensor a rank loads: all of it when axis < 0, else indices
+    [begin, begin + count) along axis (native spec: _C.expected_weights)."""
+
+    entry: Any
+    axis: int
+    begin: int
+    count: int
+
+    @property
+    def nbytes(self) -> int:
+        if self.axis < 0:
+            return self.entry.nbytes
+        return self.entry.nbytes * self.count // self.entry.shape[self.axis]
+
+    def read(self) -> tuple[np.ndarray, str]:
+        array, dtype = self.entry.read()
+        if self.axis >= 0:
+            # Only the slice is copied out of the memory map: each rank reads its own shard.
+            index = [slice(None)] * array.ndim
+            index[self.axis] = slice(self.begin, self.begin + self.count)
+            array = np.ascontiguousarray(array[tuple(index)])
+        return array, dtype
+
+
 def check_against_spec(
     entries: dict[str, Any],
-    expected: list[tuple[str, list[int]]],
+    expected: list[tuple[str, list[int], int, int, int]],
     checkpoint: str,
     tie_word_embeddings: bool,
-) -> list[Any]:
-    """The entries the model needs, in spec order; raises on anything missing, misshapen,
-    of an unsupported dtype, or unexpected."""
+) -> list[ShardRead]:
+    """What this rank reads, in spec order; raises on anything missing, misshapen, of an
+    unsupported dtype, or unexpected."""
     needed = []
-    for name, shape in expected:
+    for name, shape, axis, begin, count in expected:
         entry = entries.get(name)
         if entry is None:
             raise MissingWeightError(
@@ -150,8 +176,8 @@ def check_against_spec(
                 f"tensor {name} in {entry.source} has dtype {entry.dtype}, which ftengine "
                 f"cannot read"
             )
-        needed.append(entry)
-    wanted = {name for name, _ in expected}
+        needed.append(ShardRead(entry, axis, begin, count))
+    wanted = {spec[0] for spec in expected}
     unexpected = [
         name
         for name in entries
@@ -169,7 +195,7 @@ def check_against_spec(
 
 
 def stream_weights(
-    entries: list[Any],
+    entries: list[ShardRead],
     add: Callable[[str, np.ndarray, str], None],
     progress: bool,
     description: str,
@@ -182,5 +208,5 @@ def stream_weights(
               leave=False) as bar:
         for entry in entries:
             array, dtype = entry.read()
-            add(entry.name, array, dtype)
+            add(entry.entry.name, array, dtype)
             bar.update(entry.nbytes)

@@ -1,0 +1,32 @@
+// The Communicator interface: the collectives tensor parallelism needs, over whatever library
+// the deployment has. Single rank always exists; MPI (CPU tensors) is built when MPI is found
+// and lives in its own extension module so the core never requires an MPI installation. NCCL
+// (CUDA tensors, bootstrapped through MPI) and HCCL (Ascend) plug in here too.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+namespace ftengine {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+
+  // In-place sum of `count` floats over every rank; returns when done.
+  virtual void allreduce_sum(float* data, int64_t count) = 0;
+  // Starts an in-place sum and returns at once; `data` must stay untouched until wait_all().
+  // progress() lets pending sums advance while the caller computes (MPI implementations move
+  // non-blocking collectives only inside MPI calls).
+  virtual void start_allreduce_sum(float* data, int64_t count) = 0;
+  virtual void progress() = 0;
+  virtual void wait_all() = 0;
+  // out[rank * count + i] = data[i] of `rank`, for every rank.
+  virtual void allgather(const float* data, int64_t count, float* out) = 0;
+};
+
+std::shared_ptr<Communicator> make_single_rank_communicator();
+
+}  // namespace ftengine
