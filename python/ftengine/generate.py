@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -50,7 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="device to run on")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="storage of the weight matrices (default: as in the checkpoint)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per process (default: all cores, divided among the "
+                        "ranks of one host under mpirun)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel ranks; launch as mpirun -np N python -m "
+                        "ftengine.generate --tp N ... (only rank 0 prints)")
+    parser.add_argument("--allreduce-tile-tokens", type=int, default=0,
+                        help="tokens per overlapped AllReduce tile with --tp (0: automatic, "
+                        "-1: one AllReduce per projection)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or timings")
     return parser
 
@@ -91,6 +100,24 @@ def _interactive_chat(engine, params: SamplingParams, system: str | None) -> Non
         messages.append({"role": "assistant", "content": reply})
 
 
+def _launch_rank() -> int:
+    """This process's rank under mpirun (read from the launcher's environment, so ranks other
+    than 0 are quiet from the start, before MPI is even initialised)."""
+    for variable in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if variable in os.environ:
+            return int(os.environ[variable])
+    return 0
+
+
+def _threads_per_rank() -> int | None:
+    """Cores divided among the ranks mpirun placed on this host, so ranks do not fight over
+    cores; None (every core) outside mpirun."""
+    local = os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+    if local is None:
+        return None
+    return max(1, (os.cpu_count() or 1) // int(local))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .engine import Engine
@@ -98,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.chat is None:
         args.chat = args.model is None
     model = args.model or DEFAULT_MODEL
+    rank = _launch_rank()
+    if rank != 0:  # one voice: the other ranks compute in step but print nothing but errors
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+        args.quiet = True
 
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -108,11 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         params.validate()
         started = time.perf_counter()
         engine = Engine.from_pretrained(model, device=args.device, dtype=args.dtype,
-                                        num_threads=args.threads, progress=not args.quiet)
+                                        num_threads=args.threads or _threads_per_rank(),
+                                        progress=not args.quiet, tp=args.tp,
+                                        allreduce_tile_tokens=args.allreduce_tile_tokens)
         if not args.quiet:
             print(f"loaded {model} in {time.perf_counter() - started:.1f} s "
                   f"({engine.dtype} weights)", file=sys.stderr)
         if args.chat and not args.prompt:
+            if args.tp > 1:
+                print("error: interactive chat runs on one process; give --prompt with --tp",
+                      file=sys.stderr)
+                return 2
             _interactive_chat(engine, params, args.system)
             return 0
         if not args.prompt:
