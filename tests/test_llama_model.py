@@ -173,3 +173,42 @@ def test_cli_matches_engine(tiny_llama):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
+
+
+def test_stop_string_across_tokens_is_cut_whole(tiny_llama):
+    directory, _ = tiny_llama("gqa", "byte_level_bpe")
+    engine = Engine.from_pretrained(directory, progress=False)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    full = engine.generate(PROMPTS[1], params)
+    pieces = [engine.tokenizer.decode(full.token_ids[:i]) for i in range(len(full.token_ids) + 1)]
+    # A stop string made of the end of one token's text and the start of the next one's.
+    boundary = next(i for i in range(3, len(pieces) - 1)
+                    if len(pieces[i]) > len(pieces[i - 1]) and len(pieces[i + 1]) > len(pieces[i]))
+    stop = pieces[boundary][-1] + pieces[boundary + 1][len(pieces[boundary])]
+    expected = full.text[: full.text.find(stop)]
+    stopped = SamplingParams(max_new_tokens=24, ignore_eos=True, stop=[stop])
+    assert engine.generate(PROMPTS[1], stopped).text == expected
+    streamed = "".join(event.text for event in engine.stream(PROMPTS[1], stopped))
+    assert streamed == expected
+
+
+def test_one_generation_at_a_time(tiny_llama):
+    import threading
+
+    directory, _ = tiny_llama("gqa")
+    engine = Engine.from_pretrained(directory, progress=False)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    expected = engine.generate(PROMPTS[0], params).token_ids
+    first = engine.stream(PROMPTS[0], params)
+    next(first)
+    with pytest.raises(ftengine.FtengineError, match="already generating"):
+        next(engine.stream(PROMPTS[1], params))
+    first.close()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        engine.generate(PROMPTS[0], params).token_ids)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [expected] * 3

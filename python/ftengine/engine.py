@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,8 @@ class Engine:
         self.dtype = dtype
         self._runtime = runtime
         self._comm = comm  # mpi4py communicator of a tensor-parallel engine, else None
+        self._generation_lock = threading.Lock()
+        self._generating_thread: int | None = None
 
     @property
     def rank(self) -> int:
@@ -289,6 +292,24 @@ class Engine:
 
     def _run(self, outputs: list[GenerationOutput],
              params: SamplingParams) -> Iterator[StreamEvent]:
+        # One generation at a time: runtime.step() advances every running request, so a second
+        # generation interleaved with this one would receive its tokens. Other threads wait;
+        # the same thread (two streams consumed alternately) gets an error instead of a
+        # deadlock.
+        if self._generating_thread == threading.get_ident():
+            raise FtengineError(
+                "this engine is already generating on this thread: finish or close the other "
+                "stream first, or pass all prompts to one generate()/stream() call"
+            )
+        with self._generation_lock:
+            self._generating_thread = threading.get_ident()
+            try:
+                yield from self._run_locked(outputs, params)
+            finally:
+                self._generating_thread = None
+
+    def _run_locked(self, outputs: list[GenerationOutput],
+                    params: SamplingParams) -> Iterator[StreamEvent]:
         stop_ids = list(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids += sorted(set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids))
@@ -306,20 +327,20 @@ class Engine:
                     params.repetition_penalty, (base_seed + index) % 2**64,
                     params.max_new_tokens, stop_ids,
                 )
-                by_request[request] = (index, IncrementalDetokenizer(self.tokenizer))
+                by_request[request] = (index, IncrementalDetokenizer(self.tokenizer),
+                                       _StopStrings(params.stop))
             while by_request:
                 for request, token, finish in runtime.step():
-                    index, detokenizer = by_request[request]
+                    index, detokenizer, stops = by_request[request]
                     output = outputs[index]
                     output.token_ids.append(token)
                     reason = _FINISH_REASONS.get(finish)
-                    is_stop_token = finish == _C.FinishReason.stop_token
                     # An end token ends the request without becoming text; a finished request
                     # releases text the detokenizer held back for an incomplete character.
-                    piece = "" if is_stop_token else detokenizer.push(token)
+                    piece = "" if finish == _C.FinishReason.stop_token else detokenizer.push(token)
                     if reason is not None:
                         piece += detokenizer.flush()
-                    text, hit = self._apply_stop_strings(output.text, piece, params.stop)
+                    text, hit = stops.feed(piece, final=reason is not None)
                     if hit:
                         runtime.abort(request)
                         reason = "stop"
@@ -332,13 +353,36 @@ class Engine:
             for request in by_request:  # the caller stopped iterating: free the cache
                 runtime.abort(request)
 
-    @staticmethod
-    def _apply_stop_strings(previous: str, piece: str, stops: list[str]) -> tuple[str, bool]:
-        """The part of `piece` to emit, and whether a stop string completed in it."""
-        if not stops or not piece:
+
+class _StopStrings:
+    """Cuts generated text at the first stop string, which may span several tokens.
+
+    Text that could still turn out to be the start of a stop string is held back until it is
+    clear either way, so a stream never shows the part of a stop string it later cuts.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = stops
+        self._longest = max((len(stop) for stop in stops), default=0)
+        self._held = ""
+
+    def feed(self, piece: str, final: bool) -> tuple[str, bool]:
+        """The text to emit now, and whether a stop string completed."""
+        if not self._stops:
             return piece, False
-        combined = previous + piece
-        cut = min((i for s in stops if (i := combined.find(s)) != -1), default=-1)
-        if cut == -1:
-            return piece, False
-        return combined[len(previous):cut] if cut >= len(previous) else "", True
+        text = self._held + piece
+        cut = min((i for stop in self._stops if (i := text.find(stop)) != -1), default=-1)
+        if cut != -1:
+            self._held = ""
+            return text[:cut], True
+        keep = 0 if final else self._partial_match(text)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], False
+
+    def _partial_match(self, text: str) -> int:
+        """Length of the longest suffix of `text` that begins some stop string."""
+        for length in range(min(len(text), self._longest - 1), 0, -1):
+            suffix = text[-length:]
+            if any(stop.startswith(suffix) for stop in self._stops):
+                return length
+        return 0
