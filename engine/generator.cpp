@@ -38,6 +38,8 @@ void Generator::validate_prompt(const std::vector<int32_t>& prompt, int64_t tota
 
 int64_t Generator::add_request(std::vector<int32_t> prompt, const RequestOptions& options) {
   if (options.max_new_tokens <= 0) throw std::invalid_argument("max_new_tokens must be positive");
+  const std::string sampling_error = kernels::cpu::sampling_config_error(options.sampling);
+  if (!sampling_error.empty()) throw std::invalid_argument(sampling_error);
   validate_prompt(prompt, static_cast<int64_t>(prompt.size()) + options.max_new_tokens);
   auto sequence = std::make_unique<Sequence>();
   sequence->id = next_id_++;

@@ -178,3 +178,32 @@ def test_repetition_penalty_matches_transformers():
     processed = RepetitionPenaltyLogitsProcessor(20.0)(
         torch.tensor([history]), torch.from_numpy(boosted.copy())[None])[0].numpy()
     assert _C.sample_token(boosted, 0.0, 0, 1.0, 20.0, history, 0) == int(np.argmax(processed))
+
+
+def test_sampling_edge_cases():
+    logits = np.array([5.0, 1.0, -3.0, 0.5], np.float32)
+    # A vanishing temperature is greedy, not an overflow to the least likely token.
+    assert all(_C.sample_token(logits, 1e-38, 0, 1.0, 1.0, [], seed) == 0 for seed in range(20))
+    poisoned = np.array([np.nan, 1.0, np.nan, 0.5], np.float32)
+    draws = {_C.sample_token(poisoned, 1.0, 0, 1.0, 1.0, [], seed) for seed in range(200)}
+    assert draws <= {1, 3}
+    assert _C.sample_token(poisoned, 0.0, 0, 1.0, 1.0, [], 0) == 1
+    for bad in [dict(temperature=float("nan")), dict(temperature=-1.0), dict(top_p=0.0),
+                dict(top_p=1.5), dict(top_k=-1), dict(repetition_penalty=0.0)]:
+        options = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+        options.update(bad)
+        with pytest.raises(ValueError):
+            _C.sample_token(logits, history=[], seed=0, **options)
+    with pytest.raises(ValueError, match="non-empty"):
+        _C.sample_token(np.zeros(0, np.float32), 1.0, 0, 1.0, 1.0, [], 0)
+
+
+def test_top_p_after_top_k_uses_the_renormalised_mass():
+    """transformers applies top-k, then top-p to what top-k kept."""
+    logits = np.log([0.4, 0.3, 0.2, 0.1])
+    # Top-2 renormalised: 0.571, 0.429. top_p=0.5 keeps only the first of them.
+    counts = sample_counts(logits, 500, top_k=2, top_p=0.5)
+    assert counts[0] == 1.0
+    nucleus = sample_counts(logits, 3000, top_p=0.75)  # 0.4 + 0.3 + 0.2 reaches 0.75
+    np.testing.assert_allclose(nucleus[:3], np.array([0.4, 0.3, 0.2]) / 0.9, atol=0.035)
+    assert nucleus[3] == 0

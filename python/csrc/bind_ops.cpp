@@ -154,6 +154,11 @@ void bind_ops(py::module_& m) {
       [](FloatArray logits, float temperature, int32_t top_k, float top_p,
          float repetition_penalty, const std::vector<int32_t>& history, uint64_t seed) {
         kernels::cpu::SamplingConfig config{temperature, top_k, top_p, repetition_penalty};
+        const std::string error = kernels::cpu::sampling_config_error(config);
+        if (!error.empty()) throw std::invalid_argument(error);
+        if (logits.ndim() != 1 || logits.size() == 0) {
+          throw std::invalid_argument("logits must be a non-empty vector");
+        }
         std::mt19937_64 rng(seed);
         kernels::cpu::SamplingScratch scratch;
         FloatArray copy(logits.size());
