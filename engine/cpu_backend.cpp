@@ -34,7 +34,6 @@ class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(int num_threads)
       : num_threads_(num_threads > 0 ? num_threads : omp_get_num_procs()) {
-    omp_set_num_threads(num_threads_);
     kcpu::use_single_threaded_blas();
   }
 
@@ -48,6 +47,7 @@ class CpuBackend final : public Backend {
   }
 
   Tensor from_host(const void* data, Shape shape, DType source, DType stored) override {
+    use_threads();
     Tensor tensor(std::move(shape), stored, cpu_allocator());
     const int64_t count = tensor.numel();
     if (source == stored) {
@@ -69,6 +69,7 @@ class CpuBackend final : public Backend {
   }
 
   Tensor concat_rows(const std::vector<Tensor>& parts) override {
+    use_threads();
     require(!parts.empty(), "concat_rows needs at least one tensor");
     Shape shape = parts.front().shape();
     shape[0] = 0;
@@ -87,6 +88,7 @@ class CpuBackend final : public Backend {
 
   void embedding(const Tensor& table, const std::vector<int32_t>& ids, int64_t first_id,
                  Tensor& out) override {
+    use_threads();
     require_f32(out, "embedding output");
     const int64_t rows = static_cast<int64_t>(ids.size()), cols = table.dim(1);
     require(out.numel() == rows * cols, "embedding output has the wrong size");
@@ -101,6 +103,7 @@ class CpuBackend final : public Backend {
   }
 
   void linear(const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& out) override {
+    use_threads();
     require_f32(x, "linear input");
     require_f32(out, "linear output");
     const int64_t rows = x.dim(0), in_features = x.dim(1), out_features = weight.dim(0);
@@ -114,12 +117,14 @@ class CpuBackend final : public Backend {
   }
 
   void add_bias(Tensor& x, const Tensor& bias) override {
+    use_threads();
     require_f32(bias, "bias");
     require(bias.numel() == x.dim(-1), "bias of " + bias.describe() + " for " + x.describe());
     kcpu::add_bias(x.data<float>(), bias.data<float>(), x.numel() / x.dim(-1), x.dim(-1));
   }
 
   void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
+    use_threads();
     require_f32(x, "rmsnorm input");
     require_f32(weight, "rmsnorm weight");
     const int64_t cols = x.dim(-1);
@@ -128,16 +133,19 @@ class CpuBackend final : public Backend {
   }
 
   void add_inplace(Tensor& x, const Tensor& y) override {
+    use_threads();
     require(x.numel() == y.numel(), "add_inplace sizes differ");
     kcpu::add_inplace(x.data<float>(), y.data<float>(), x.numel());
   }
 
   void silu_mul(const Tensor& gate_up, Tensor& out) override {
+    use_threads();
     const int64_t cols = out.dim(-1);
     kcpu::silu_mul(gate_up.data<float>(), gate_up.numel() / (2 * cols), cols, out.data<float>());
   }
 
   void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) override {
+    use_threads();
     kcpu::gather_rows(x.data<float>(), rows.data(), static_cast<int64_t>(rows.size()), x.dim(-1),
                       out.data<float>());
   }
@@ -145,6 +153,7 @@ class CpuBackend final : public Backend {
   void rotary_cache_write(const Tensor& qkv, const ForwardBatch& batch,
                           const AttentionShape& shape, const RotaryArgs& rotary, Tensor& q_out,
                           const LayerKvCache& cache) override {
+    use_threads();
     kcpu::RotaryCacheWriteParams p;
     p.qkv = qkv.data<float>();
     p.qkv_token_stride = qkv.dim(1);
@@ -170,6 +179,7 @@ class CpuBackend final : public Backend {
   void attention(const Tensor& q, const ForwardBatch& batch, const AttentionShape& shape,
                  const LayerKvCache& cache, int32_t block_size, Tensor& out,
                  Tensor* lse) override {
+    use_threads();
     kcpu::AttentionParams p;
     p.q = q.data<float>();
     p.q_head_stride = shape.head_dim;
@@ -199,6 +209,10 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // OpenMP's thread count is a per-thread setting: set it for whichever thread calls, so an
+  // engine driven from any thread uses its own count and never another backend's.
+  void use_threads() const { omp_set_num_threads(num_threads_); }
+
   // Each thread multiplies x by its own panels of weight rows (output columns) with
   // single-threaded BLAS. bfloat16 panels are widened into a per-thread buffer first, so memory
   // traffic stays that of bfloat16 (the wheel's OpenBLAS has no sbgemm).
@@ -215,9 +229,15 @@ class CpuBackend final : public Backend {
     const int64_t panels = (out_features + panel_rows - 1) / panel_rows;
     const float* input = x.data<float>();
     float* output = out.data<float>();
+    // Per-thread widening buffers, allocated outside the parallel region (an allocation failure
+    // inside one would terminate the process) and kept across calls.
+    const size_t per_thread = widen ? static_cast<size_t>(panel_rows * in_features) : 0;
+    if (widen_scratch_.size() < per_thread * num_threads_) {
+      widen_scratch_.resize(per_thread * num_threads_);
+    }
 #pragma omp parallel
     {
-      std::vector<float> widened(widen ? static_cast<size_t>(panel_rows * in_features) : 0);
+      float* widened = widen_scratch_.data() + per_thread * omp_get_thread_num();
 #pragma omp for schedule(dynamic)
       for (int64_t index = 0; index < panels; ++index) {
         const int64_t first = index * panel_rows;
@@ -228,7 +248,7 @@ class CpuBackend final : public Backend {
           for (int64_t i = 0; i < count * in_features; ++i) {
             widened[i] = kernels::bf16_to_float(source[i]);
           }
-          panel = widened.data();
+          panel = widened;
         } else {
           panel = weight.data<float>() + first * in_features;
         }
@@ -244,6 +264,7 @@ class CpuBackend final : public Backend {
   }
 
   int num_threads_;
+  std::vector<float> widen_scratch_;
 };
 
 }  // namespace

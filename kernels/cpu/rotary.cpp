@@ -1,5 +1,7 @@
 #include "kernels/cpu/rotary.h"
 
+#include <omp.h>
+
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -32,10 +34,14 @@ void rotate_head(const float* in, const float* cos, const float* sin, int32_t ro
 
 void rotary_cache_write(const RotaryCacheWriteParams& p) {
   const int32_t half = p.rotary_dim / 2;
+  // cos and sin of one token per thread, allocated before the parallel region.
+  const int threads = omp_get_max_threads();
+  std::vector<float> tables(static_cast<size_t>(2 * half) * threads);
   // One decode token's heads are too little work to wake the thread team for.
 #pragma omp parallel if (p.tokens > 1)
   {
-    std::vector<float> cos(half), sin(half);
+    float* cos = tables.data() + static_cast<size_t>(2 * half) * omp_get_thread_num();
+    float* sin = cos + half;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < p.tokens; ++t) {
       // float32 angles, as HF computes them, so long positions round the same way.
@@ -47,7 +53,7 @@ void rotary_cache_write(const RotaryCacheWriteParams& p) {
       }
       const float* row = p.qkv + t * p.qkv_token_stride;
       for (int32_t h = 0; h < p.num_heads; ++h) {
-        rotate_head(row + h * p.head_dim, cos.data(), sin.data(), p.rotary_dim, p.head_dim,
+        rotate_head(row + h * p.head_dim, cos, sin, p.rotary_dim, p.head_dim,
                     p.interleaved, p.q_out + (t * p.num_heads + h) * p.head_dim);
       }
       const int64_t slot = p.slot_mapping[t];
@@ -56,7 +62,7 @@ void rotary_cache_write(const RotaryCacheWriteParams& p) {
       const float* k_row = row + static_cast<int64_t>(p.num_heads) * p.head_dim;
       const float* v_row = k_row + static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
       for (int32_t h = 0; h < p.num_kv_heads; ++h) {
-        rotate_head(k_row + h * p.head_dim, cos.data(), sin.data(), p.rotary_dim, p.head_dim,
+        rotate_head(k_row + h * p.head_dim, cos, sin, p.rotary_dim, p.head_dim,
                     p.interleaved, p.k_cache + slot_offset + h * p.kv_head_stride);
         std::memcpy(p.v_cache + slot_offset + h * p.kv_head_stride, v_row + h * p.head_dim,
                     p.head_dim * sizeof(float));
