@@ -721,3 +721,37 @@ def test_cli_broken_models_in_process(model_copy, capsys, damage):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     assert str(target) in lines[0] or K_PROJ in lines[0]
+
+
+def test_non_finite_safetensors_weight(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source, _ = tiny_llama("gqa")
+    directory = tmp_path / "nan"
+    shutil.copytree(source, directory)
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightFileError, match=r"up_proj.*inf or NaN"):
+        Engine.from_pretrained(directory, progress=False)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = 0.0
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].bfloat16()
+    tensors["model.norm.weight"][0] = float("inf")
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightFileError, match="model.norm.weight"):
+        Engine.from_pretrained(directory, progress=False)
+
+
+@pytest.mark.parametrize("key,value", [("rms_norm_eps", 0.0), ("rope_theta", -1.0)])
+def test_nonpositive_numeric_config(tiny_llama, tmp_path, key, value):
+    source, _ = tiny_llama("gqa")
+    directory = tmp_path / "cfg"
+    shutil.copytree(source, directory)
+    config = json.loads((directory / "config.json").read_text())
+    if key == "rope_theta":
+        config["rope_parameters"]["rope_theta"] = value
+    else:
+        config[key] = value
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="must be a positive number"):
+        Engine.from_pretrained(directory, progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,10 @@ def _check_sizes(config: ModelConfig, source: str) -> None:
         )
     if config.head_dim % 2:
         raise ConfigError(f"{source}: head_dim must be even for rotary embedding")
+    for name in ("rope_theta", "rope_factor", "norm_eps", "rope_original_max_position"):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{source}: {name} must be a positive number, got {value}")
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:

@@ -19,6 +19,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .config import config_from_dict
 from .errors import ConfigError, FtengineError, WeightFileError
+from .loader import all_finite
 
 # GGUF name -> Hugging Face name; {i} is the layer.
 _GLOBAL_NAMES = {
@@ -83,7 +84,6 @@ class GgufEntry:
             with np.errstate(all="ignore"):  # corrupt scales are reported below, by name
                 if self.dtype == "BF16":
                     values, native = data.view(np.uint16).reshape(self.shape), "bfloat16"
-                    finite = not ((values & 0x7F80) == 0x7F80).any()
                 else:
                     if self.dtype == "F32":
                         values = data.view(np.float32)
@@ -92,9 +92,10 @@ class GgufEntry:
                     else:
                         values = quants.dequantize(data, self.tensor.tensor_type)
                     values = np.ascontiguousarray(values, dtype=np.float32).reshape(self.shape)
-                    native, finite = "float32", np.isfinite(values).all()
+                    native = "float32"
         except (ValueError, TypeError) as bad:
             raise WeightFileError(f"cannot read tensor {self.source}: {bad}") from None
+        finite = all_finite(values, native)
         # A flipped bit in a block scale decodes to inf or NaN for a whole block: never load it.
         if not finite:
             raise WeightFileError(f"tensor {self.source} holds non-finite values: the file is "

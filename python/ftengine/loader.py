@@ -27,6 +27,13 @@ _DTYPES = {
 }
 
 
+def all_finite(array: np.ndarray, dtype: str) -> bool:
+    """Whether a weight holds only finite values (bfloat16 given as its uint16 bits)."""
+    if dtype == "bfloat16":
+        return not ((array & 0x7F80) == 0x7F80).any()
+    return bool(np.isfinite(array).all())
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one safetensors tensor lives: file, dtype, shape and byte range of its data.
@@ -60,7 +67,10 @@ class TensorEntry:
                           shape=(self.nbytes,))
         array = items.view(numpy_dtype).reshape(self.shape)
         if native_dtype == "float16":  # no float16 storage on the CPU: widen exactly
-            return array.astype(np.float32), "float32"
+            array, native_dtype = array.astype(np.float32), "float32"
+        if not all_finite(array, native_dtype):
+            raise WeightFileError(f"tensor {self.name} in {self.source} holds inf or NaN values: "
+                                  f"the file is corrupt")
         return array, native_dtype
 
 
