@@ -23,11 +23,11 @@ struct RequestOptions {
   std::vector<int32_t> stop_token_ids;
 };
 
-enum class FinishReason : int { kNone = 0, kStopToken = 1, kLength = 2, kAborted = 3 };
+enum class FinishReason : int { kNone = 0, kStopToken = 1, kLength = 2 };
 
 struct TokenEvent {
   int64_t request_id = 0;
-  int32_t token = -1;  // -1 when the event only reports an abort
+  int32_t token = -1;
   FinishReason finish = FinishReason::kNone;
 };
 

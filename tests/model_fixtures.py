@@ -61,7 +61,7 @@ def make_tiny_llama(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**settings)).eval()
     with torch.no_grad():  # norms start at 1.0: give them texture so a wrong weight shows
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.dim() == 1:
                 parameter.uniform_(0.5, 1.5)
     model.to(dtype).save_pretrained(directory)

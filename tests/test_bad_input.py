@@ -13,12 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ftengine
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-import ftengine
 from ftengine import (
     ConfigError,
     ContextLengthError,
@@ -33,6 +31,7 @@ from ftengine import (
     WeightShapeError,
 )
 from ftengine.generate import main as cli_main
+from safetensors.torch import load_file, save_file
 
 WEIGHTS = "model.safetensors"
 K_PROJ = "model.layers.0.self_attn.k_proj.weight"

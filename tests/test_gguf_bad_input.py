@@ -10,11 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from ftengine import ConfigError, Engine, WeightFileError, WeightShapeError
 from gguf import GGMLQuantizationType as Q
 from gguf_fixtures import write_tiny_gguf
 from model_fixtures import make_tiny_llama
-
-from ftengine import ConfigError, Engine, WeightFileError, WeightShapeError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ftengine import Engine, SamplingParams
+from ftengine.checkpoint import DEFAULT_MODEL, resolve_model
 from gguf import GGMLQuantizationType as Q
 from gguf_fixtures import write_tiny_gguf
 from model_fixtures import make_tiny_llama
 from transformers import AutoModelForCausalLM
-
-from ftengine import Engine, SamplingParams
-from ftengine.checkpoint import DEFAULT_MODEL, resolve_model
 
 WEIGHT_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
                 Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -36,7 +35,8 @@ def greedy(model, ids, new_tokens):
     model.generation_config.eos_token_id = None
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+                             pad_token_id=0,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))
     return out[0, len(ids):].tolist()
 
 

@@ -7,13 +7,12 @@ import os
 import subprocess
 import sys
 
+import ftengine
 import numpy as np
 import pytest
 import torch
-from model_fixtures import VARIANTS
-
-import ftengine
 from ftengine import Engine, SamplingParams
+from model_fixtures import VARIANTS
 
 PROMPTS = [
     "Hello",
@@ -49,13 +48,14 @@ def test_logits_match_transformers(tiny_llama, variant):
     assert_logits_close(engine.logits(ids), reference_logits(model, ids))
 
 
-@pytest.mark.parametrize("tokenizer_kind", ["sentencepiece", "sentencepiece_json", "byte_level_bpe"])
+@pytest.mark.parametrize("tokenizer_kind",
+                         ["sentencepiece", "sentencepiece_json", "byte_level_bpe"])
 def test_greedy_batch_matches_transformers(tiny_llama, tokenizer_kind):
     directory, model = tiny_llama("gqa", tokenizer_kind)
     engine = Engine.from_pretrained(directory, progress=False)
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     outputs = engine.generate(PROMPTS, params)
-    for prompt, output in zip(PROMPTS, outputs):
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
         ids = engine.tokenizer.encode(prompt)
         assert output.prompt_token_ids == ids
         assert output.token_ids == reference_greedy(model, ids, 24), prompt
@@ -155,7 +155,8 @@ def test_chat_template_prompt(tiny_llama):
     engine = Engine.from_pretrained(directory, progress=False)
     messages = [{"role": "user", "content": "Hi there"}]
     rendered = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    assert engine.chat_prompt(messages) == engine.tokenizer.encode(rendered, add_special_tokens=False)
+    expected = engine.tokenizer.encode(rendered, add_special_tokens=False)
+    assert engine.chat_prompt(messages) == expected
     reply = engine.chat(messages, SamplingParams(max_new_tokens=6, ignore_eos=True))
     assert len(reply.token_ids) == 6
 

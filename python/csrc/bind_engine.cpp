@@ -203,8 +203,7 @@ void bind_engine(py::module_& m) {
   py::enum_<FinishReason>(m, "FinishReason")
       .value("none", FinishReason::kNone)
       .value("stop_token", FinishReason::kStopToken)
-      .value("length", FinishReason::kLength)
-      .value("aborted", FinishReason::kAborted);
+      .value("length", FinishReason::kLength);
 
   py::class_<Runtime>(m, "Runtime")
       .def(py::init([](const py::dict& config, int num_threads, int32_t kv_cache_tokens,

@@ -106,10 +106,10 @@ class Engine:
         model name (see ftengine.checkpoint.KNOWN_MODELS).
 
         dtype stores the weight matrices as "float32" or "bfloat16" (default: bfloat16 when the
-        checkpoint is bfloat16, else float32; GGUF files default to float32); arithmetic is float32 either way. num_threads
-        defaults to every core. kv_cache_tokens sizes the paged KV cache shared by all requests;
-        max_batch_tokens caps the tokens of one forward step (longer prompts are prefilled in
-        chunks) and max_num_seqs the requests decoded together.
+        checkpoint is bfloat16, else float32; GGUF files default to float32); arithmetic is
+        float32 either way. num_threads defaults to every core. kv_cache_tokens sizes the paged
+        KV cache shared by all requests; max_batch_tokens caps the tokens of one forward step
+        (longer prompts are prefilled in chunks) and max_num_seqs the requests decoded together.
 
         tp > 1 splits the model over that many MPI ranks (run under `mpirun -np tp`; every rank
         makes the same calls). allreduce_tile_tokens sets the token tile of the overlapped
@@ -198,7 +198,8 @@ class Engine:
         vocab = self.config.vocab_size
         for position, token in enumerate(ids):
             if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
-                raise InvalidTokenError(f"token at position {position} is not an integer: {token!r}")
+                raise InvalidTokenError(
+                    f"token at position {position} is not an integer: {token!r}")
             if not 0 <= token < vocab:
                 raise InvalidTokenError(
                     f"token id {token} at position {position} is outside the vocabulary "

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use the model's chat template; without --prompt, start an "
                         "interactive multi-turn chat (default: on for the default model)")
     parser.add_argument("--system", default=None, help="system message for --chat")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sampling temperature; 0 is greedy")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest; 0: all")

@@ -246,6 +246,10 @@ class SentencePieceBackend:
         parts: list[str] = []
         byte_run = bytearray()
         for token_id in ids:
+            # Ids past the tokenizer's pieces (embedding tables padded beyond the vocabulary)
+            # decode to nothing, as the tokenizers library does.
+            if not 0 <= token_id < len(self._pieces):
+                continue
             if skip_special_tokens and token_id in self.special_ids:
                 continue
             if token_id in self.byte_fallback_ids:
