@@ -66,7 +66,8 @@ def test_greedy_batch_matches_transformers(tiny_llama, tokenizer_kind):
 def test_chunked_prefill_and_decode_logits(tiny_llama):
     """Prompts prefilled 5 tokens a step, then decoded: every position's logits still match."""
     directory, model = tiny_llama("llama3_rope")
-    engine = Engine.from_pretrained(directory, progress=False, max_batch_tokens=5, block_size=16)
+    engine = Engine.from_pretrained(directory, progress=False, max_batch_tokens=5, block_size=16,
+                                    max_num_seqs=4)
     ids = list(range(3, 100))
     assert_logits_close(engine.logits(ids), reference_logits(model, ids))
     output = engine.generate([ids], SamplingParams(max_new_tokens=30, ignore_eos=True))[0]

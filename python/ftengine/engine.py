@@ -122,6 +122,15 @@ class Engine:
             )
         if dtype is not None and dtype not in _WEIGHT_DTYPES:
             raise FtengineError(f"dtype must be one of {_WEIGHT_DTYPES}, got {dtype!r}")
+        for name, value in (("max_batch_tokens", max_batch_tokens),
+                            ("max_num_seqs", max_num_seqs), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FtengineError(f"{name} must be a positive integer, got {value!r}")
+        if max_batch_tokens < max_num_seqs:
+            raise FtengineError(
+                f"max_batch_tokens ({max_batch_tokens}) must be at least max_num_seqs "
+                f"({max_num_seqs}): every step decodes one token of each running sequence"
+            )
         comm, communicator = (None, None)
         if tp != 1:
             if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
