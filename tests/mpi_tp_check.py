@@ -18,7 +18,6 @@ import signal
 import sys
 
 import numpy as np
-
 from ftengine import Engine, SamplingParams
 from ftengine.errors import FtengineError
 

@@ -141,14 +141,14 @@ def _check_against_reference(out: Path, expected, configs: str) -> None:
     logits, tokens = expected
     data = np.load(out)
     results = [(data[f"logits_{i}"], data[f"tokens_{i}"]) for i in range(len(configs.split(",")))]
-    for config, (got_logits, got_tokens) in zip(configs.split(","), results):
+    for config, (got_logits, got_tokens) in zip(configs.split(","), results, strict=True):
         np.testing.assert_array_equal(got_tokens, tokens, err_msg=f"greedy tokens, {config}")
         np.testing.assert_allclose(got_logits, logits, rtol=1e-4, atol=1e-4,
                                    err_msg=f"logits, tile:max_batch_tokens {config}")
     # Tiled and untiled sum the same partial products: with the same steps (the same
     # max_batch_tokens) they agree far more tightly than with the single process.
     first_of_step = {}
-    for config, (got_logits, _) in zip(configs.split(","), results):
+    for config, (got_logits, _) in zip(configs.split(","), results, strict=True):
         step = config.split(":")[1]
         base_config, base = first_of_step.setdefault(step, (config, got_logits))
         np.testing.assert_allclose(got_logits, base, rtol=1e-5, atol=1e-5,
