@@ -1,6 +1,7 @@
 #include "models/llama.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -131,6 +132,7 @@ class LlamaModel final : public Model {
     rotary_.inv_freq = &inv_freq_;
     rotary_.rotary_dim = config.head_dim;
     rotary_.interleaved = config.rope.interleaved;
+    if (plan_.size > 1 && allreduce_tile_tokens_ == 0) tile_allreduce_ = tiling_pays();
   }
 
   const ModelConfig& config() const override { return config_; }
@@ -213,15 +215,43 @@ class LlamaModel final : public Model {
     if (bias_tensor.defined()) backend_.add_bias(out, bias_tensor);
   }
 
-  // Tokens per AllReduce tile: the configured count, or by default a quarter of the step with
-  // at least kMinTileTokens, so each tile's matrix product stays large enough to run at speed
-  // and decode steps (too few tokens to split) fall back to one AllReduce.
+  // Tokens per AllReduce tile: the configured count; or, when tiling pays on this machine, a
+  // quarter of the step with at least kMinTileTokens, so each tile's matrix product stays large
+  // enough to run at speed; decode steps (too few tokens to split) use one AllReduce.
   int64_t allreduce_tile(int64_t tokens) const {
     static constexpr int64_t kMinTileTokens = 64;
     if (allreduce_tile_tokens_ < 0) return tokens;
     if (allreduce_tile_tokens_ > 0) return std::min<int64_t>(allreduce_tile_tokens_, tokens);
-    if (tokens < 2 * kMinTileTokens) return tokens;
+    if (!tile_allreduce_ || tokens < 2 * kMinTileTokens) return tokens;
     return std::max(kMinTileTokens, (tokens + 3) / 4);
+  }
+
+  // Whether overlapping pays: it can hide at most the AllReduce's time, and costs smaller, less
+  // efficient matrix products plus the cores the communication itself occupies. Measured once,
+  // with every rank taking part: one o_proj-sized product against the AllReduce of its output.
+  // On 2 CPU ranks over shared memory the sum is 0.11 of the o_proj product (~1% of a prefill)
+  // and every tiling lost time (scripts/bench_tp_cpu.py); over a slow interconnect, or against
+  // GPU-speed products, the ratio is far higher. The ranks average their ratios so that all of
+  // them decide alike (a mismatch would pair different collectives).
+  bool tiling_pays() {
+    static constexpr int64_t kProbeTokens = 256;
+    static constexpr double kWorthwhileRatio = 0.25;
+    const DType dtype = backend_.activation_dtype();
+    Tensor x = backend_.empty({kProbeTokens, layers_[0].o_weight.dim(1)}, dtype);
+    Tensor y = backend_.empty({kProbeTokens, config_.hidden_size}, dtype);
+    std::fill_n(x.data<float>(), x.numel(), 0.f);
+    std::fill_n(y.data<float>(), y.numel(), 0.f);
+    auto seconds = [](auto&& work) {
+      work();  // warm-up
+      const auto start = std::chrono::steady_clock::now();
+      work();
+      return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    };
+    const double product = seconds([&] { backend_.linear(x, layers_[0].o_weight, nullptr, y); });
+    const double sum = seconds([&] { communicator_->allreduce_sum(y.data<float>(), y.numel()); });
+    float ratio = static_cast<float>(sum / std::max(product, 1e-9));
+    communicator_->allreduce_sum(&ratio, 1);
+    return ratio / plan_.size > kWorthwhileRatio;
   }
 
   // Each rank computed logits for its vocabulary slice; every rank gets all of them, in order.
@@ -261,7 +291,8 @@ class LlamaModel final : public Model {
   Backend& backend_;
   std::shared_ptr<Communicator> communicator_;
   ShardPlan plan_;
-  int32_t allreduce_tile_tokens_;
+  int32_t allreduce_tile_tokens_;  // > 0: fixed tile, -1: never tile, 0: tile when it pays
+  bool tile_allreduce_ = false;    // the measured decision for allreduce_tile_tokens_ == 0
   Tensor embed_tokens_, final_norm_, lm_head_;
   std::vector<LlamaLayer> layers_;
   std::vector<float> inv_freq_;
