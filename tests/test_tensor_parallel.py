@@ -232,13 +232,12 @@ def test_ranks_that_disagree_fail_on_every_rank(extra, fragments, model_dir, tmp
     _expect_error_on_every_rank(result, elapsed, 2, *fragments)
 
 
-@pytest.mark.xfail(reason="ranks compare the configuration and settings, not the weights: "
-                   "same-shaped checkpoints with different weights go unnoticed", strict=False)
 def test_ranks_with_same_shaped_different_models_fail(model_dir, tmp_path):
+    """Same config, different weights: caught by the weights fingerprint."""
     result, elapsed = _run(_mpi_command(2, str(WORKER), str(model_dir("gqa")),
                                         str(tmp_path / "x.npz"), "--rank1-model",
                                         str(model_dir("gqa_seed1"))))
-    _expect_error_on_every_rank(result, elapsed, 2)
+    _expect_error_on_every_rank(result, elapsed, 2, "ranks disagree on the model weights")
 
 
 def test_rank_killed_mid_generation_ends_the_job(model_dir, tmp_path):
@@ -326,3 +325,9 @@ def test_multi_node_hostfile_launch_emulated(model_dir, reference, tmp_path):
     _check_ok(result)
     assert sorted(log.read_text().split()) == ["127.0.0.12", "127.0.0.13"], log.read_text()
     _check_against_reference(out, reference("gqa"), configs)
+
+
+def test_cli_under_mpirun_without_tp_fails_on_every_rank(model_dir, tmp_path):
+    result, elapsed = _run(_mpi_command(2, "-m", "ftengine.generate", "--model",
+                                        str(model_dir("gqa")), "--prompt", "hi"))
+    _expect_error_on_every_rank(result, elapsed, 2, "--tp is 1: pass --tp 2")

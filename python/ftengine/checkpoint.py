@@ -6,6 +6,7 @@ GGUF file. Names from a small table of known models resolve to files that packag
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,16 @@ class Checkpoint:
     tokenizer: Tokenizer
     entries: dict[str, Any]  # tensor name -> entry with shape, dtype, source, read()
     default_dtype: str  # weight storage when the caller names none
+
+    def fingerprint(self) -> str:
+        """A digest of every tensor's name, dtype, shape and first bytes: ranks compare it so
+        that same-shaped but different weights on two hosts are caught before they compute."""
+        digest = hashlib.sha256()
+        for name in sorted(self.entries):
+            entry = self.entries[name]
+            digest.update(f"{name}|{entry.dtype}|{tuple(entry.shape)}|".encode())
+            digest.update(entry.head_bytes())
+        return digest.hexdigest()
 
 
 def resolve_model(name_or_path: str) -> Path:

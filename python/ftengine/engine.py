@@ -167,6 +167,7 @@ class Engine:
         if comm is not None:
             distributed.agree(comm, "the model configuration",
                               json.dumps(native_config, sort_keys=True))
+            distributed.agree(comm, "the model weights", checkpoint.fingerprint())
             distributed.agree(comm, "the engine settings",
                               (kv_cache_tokens, max_batch_tokens, max_num_seqs, block_size,
                                allreduce_tile_tokens))

@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         args.chat = args.model is None
     model = args.model or DEFAULT_MODEL
     rank = _launch_rank()
+    world = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", "1")))
+    if world > 1 and args.tp == 1:
+        print(f"error: launched as {world} processes but --tp is 1: pass --tp {world}",
+              file=sys.stderr)
+        return 1
     if rank != 0:  # one voice: the other ranks compute in step but print nothing but errors
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
         args.quiet = True

@@ -76,6 +76,10 @@ class GgufEntry:
     def supported(self) -> bool:
         return self.dtype in _DEQUANTISED or self.dtype in _PLAIN
 
+    def head_bytes(self, count: int = 64) -> bytes:
+        """The first bytes of the tensor's data (for fingerprints)."""
+        return np.asarray(self.tensor.data).reshape(-1).view(np.uint8)[:count].tobytes()
+
     def read(self) -> tuple[np.ndarray, str]:
         from gguf import quants
 

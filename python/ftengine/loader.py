@@ -60,6 +60,12 @@ class TensorEntry:
     def nbytes(self) -> int:
         return self.end - self.begin
 
+    def head_bytes(self, count: int = 64) -> bytes:
+        """The first bytes of the tensor's data (for fingerprints)."""
+        with self.path.open("rb") as stream:
+            stream.seek(self.begin)
+            return stream.read(min(count, self.nbytes))
+
     def read(self) -> tuple[np.ndarray, str]:
         """The tensor's items (memory-mapped, not copied) and the dtype name the runtime takes."""
         numpy_dtype, native_dtype = _DTYPES[self.dtype]
