@@ -327,7 +327,10 @@ def test_multi_node_hostfile_launch_emulated(model_dir, reference, tmp_path):
     _check_against_reference(out, reference("gqa"), configs)
 
 
-def test_cli_under_mpirun_without_tp_fails_on_every_rank(model_dir, tmp_path):
+def test_cli_under_mpirun_without_tp_fails(model_dir, tmp_path):
+    """Each rank stops before loading anything; the first to exit ends the job, so the other
+    may be terminated before it prints."""
     result, elapsed = _run(_mpi_command(2, "-m", "ftengine.generate", "--model",
                                         str(model_dir("gqa")), "--prompt", "hi"))
-    _expect_error_on_every_rank(result, elapsed, 2, "--tp is 1: pass --tp 2")
+    assert result.returncode != 0 and elapsed < TIMEOUT
+    assert "error: launched as 2 processes but --tp is 1: pass --tp 2" in result.stderr
