@@ -130,6 +130,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig
             attention_bias=bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            # ftengine's own key: weights converted from Meta checkpoints without permuting q/k
+            # rotate interleaved pairs (python -m ftengine.convert writes it).
+            rope_interleaved=bool(raw.get("rope_interleaved", False)),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=_token_ids(raw.get("eos_token_id")),
             **_rope_settings(raw, source),
