@@ -15,9 +15,11 @@ struct Architecture {
                                    std::shared_ptr<Communicator>, int32_t);
 };
 
-// Architectures that are the Llama graph under other names and config flags.
+// Architectures that are the Llama graph under other names and config flags: openPangu-Embedded
+// is Llama with bias on q, k, v and o (its config's `bias`, mapped to attention_bias).
 const Architecture kArchitectures[] = {
     {"LlamaForCausalLM", llama_expected_weights, make_llama},
+    {"PanguEmbeddedForCausalLM", llama_expected_weights, make_llama},
 };
 
 const Architecture& find_architecture(const std::string& name) {

@@ -11,7 +11,10 @@ from typing import Any
 from .errors import ConfigError
 
 # model_type -> architecture, for config.json files saved without an "architectures" list.
-_ARCHITECTURE_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM"}
+_ARCHITECTURE_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "PanguEmbedded": "PanguEmbeddedForCausalLM",
+}
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -127,7 +130,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig
             head_dim=int(raw.get("head_dim") or hidden_size // max(num_heads, 1)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            attention_bias=bool(raw.get("attention_bias", False)),
+            # openPangu-Embedded names its q/k/v/o bias flag `bias`.
+            attention_bias=bool(raw.get("attention_bias", raw.get("bias", False))),
             mlp_bias=bool(raw.get("mlp_bias", False)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             # ftengine's own key: weights converted from Meta checkpoints without permuting q/k
