@@ -53,6 +53,11 @@ class Backend {
   // out = x · weightᵀ (+ bias); weight is [out_features, in_features] as in HF checkpoints.
   virtual void linear(const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& out) = 0;
   virtual void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
+  virtual void layernorm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps,
+                         Tensor& out) = 0;
+  virtual void gelu_inplace(Tensor& x) = 0;
+  // dst[:, column : column + src.cols] = src (assembling a fused projection from parts).
+  virtual void copy_columns(const Tensor& src, Tensor& dst, int64_t column) = 0;
   virtual void add_inplace(Tensor& x, const Tensor& y) = 0;
   // x[row] += bias for every row.
   virtual void add_bias(Tensor& x, const Tensor& bias) = 0;

@@ -128,8 +128,32 @@ class CpuBackend final : public Backend {
     require_f32(x, "rmsnorm input");
     require_f32(weight, "rmsnorm weight");
     const int64_t cols = x.dim(-1);
+    require(weight.numel() == cols, "rmsnorm weight of " + weight.describe() + " for " +
+                                        x.describe());
     kcpu::rmsnorm(x.data<float>(), weight.data<float>(), x.numel() / cols, cols, eps,
                   out.data<float>());
+  }
+
+  void layernorm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps,
+                 Tensor& out) override {
+    use_threads();
+    require_f32(x, "layernorm input");
+    const int64_t cols = x.dim(-1);
+    require(weight.numel() == cols && bias.numel() == cols, "layernorm weight/bias size");
+    kcpu::layernorm(x.data<float>(), weight.data<float>(), bias.data<float>(), x.numel() / cols,
+                    cols, eps, out.data<float>());
+  }
+
+  void gelu_inplace(Tensor& x) override {
+    use_threads();
+    kcpu::gelu_inplace(x.data<float>(), x.numel());
+  }
+
+  void copy_columns(const Tensor& src, Tensor& dst, int64_t column) override {
+    require(src.dim(0) == dst.dim(0) && column >= 0 && column + src.dim(1) <= dst.dim(1),
+            "copy_columns: " + src.describe() + " does not fit " + dst.describe());
+    kcpu::copy_columns(src.data<float>(), src.dim(0), src.dim(1), dst.data<float>(), dst.dim(1),
+                       column);
   }
 
   void add_inplace(Tensor& x, const Tensor& y) override {

@@ -3,6 +3,7 @@
 #include <stdexcept>
 
 #include "models/llama.h"
+#include "models/pangu_alpha.h"
 
 namespace ftengine::models {
 
@@ -15,11 +16,12 @@ struct Architecture {
                                    std::shared_ptr<Communicator>, int32_t);
 };
 
-// Architectures that are the Llama graph under other names and config flags: openPangu-Embedded
-// is Llama with bias on q, k, v and o (its config's `bias`, mapped to attention_bias).
+// openPangu-Embedded is the Llama graph with bias on q, k, v and o (its config's `bias`, mapped
+// to attention_bias); PanGu-alpha is a graph of its own.
 const Architecture kArchitectures[] = {
     {"LlamaForCausalLM", llama_expected_weights, make_llama},
     {"PanguEmbeddedForCausalLM", llama_expected_weights, make_llama},
+    {"GPTPanguForCausalLM", pangu_alpha_expected_weights, make_pangu_alpha},
 };
 
 const Architecture& find_architecture(const std::string& name) {

@@ -29,6 +29,41 @@ void rmsnorm(const float* x, const float* weight, int64_t rows, int64_t cols, fl
   }
 }
 
+void layernorm(const float* x, const float* weight, const float* bias, int64_t rows,
+               int64_t cols, float eps, float* out) {
+#pragma omp parallel for schedule(static) if (rows * cols > kParallelElements)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * cols;
+    float* out_row = out + r * cols;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < cols; ++c) sum += row[c];
+    const float mean = sum / static_cast<float>(cols);
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t c = 0; c < cols; ++c) squares += (row[c] - mean) * (row[c] - mean);
+    const float inverse_std = 1.f / std::sqrt(squares / static_cast<float>(cols) + eps);
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) {
+      out_row[c] = (row[c] - mean) * inverse_std * weight[c] + bias[c];
+    }
+  }
+}
+
+void gelu_inplace(float* x, int64_t count) {
+#pragma omp parallel for schedule(static) if (count > kParallelElements)
+  for (int64_t i = 0; i < count; ++i) {
+    x[i] = 0.5f * x[i] * (1.f + std::erf(x[i] * 0.70710678118654752f));
+  }
+}
+
+void copy_columns(const float* src, int64_t rows, int64_t src_cols, float* dst, int64_t dst_cols,
+                  int64_t column) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * dst_cols + column, src + r * src_cols, src_cols * sizeof(float));
+  }
+}
+
 void add_inplace(float* x, const float* y, int64_t count) {
 #pragma omp parallel for simd schedule(static) if (count > kParallelElements)
   for (int64_t i = 0; i < count; ++i) x[i] += y[i];

@@ -10,6 +10,17 @@ namespace ftengine::kernels::cpu {
 void rmsnorm(const float* x, const float* weight, int64_t rows, int64_t cols, float eps,
              float* out);
 
+// out[r] = (x[r] - mean) / sqrt(var + eps) * weight + bias, statistics in float32 like torch.
+void layernorm(const float* x, const float* weight, const float* bias, int64_t rows,
+               int64_t cols, float eps, float* out);
+
+// x = gelu(x) with the exact erf form (torch's default, transformers' "gelu").
+void gelu_inplace(float* x, int64_t count);
+
+// dst[r][column + c] = src[r][c] for c < src_cols; dst rows are dst_cols wide.
+void copy_columns(const float* src, int64_t rows, int64_t src_cols, float* dst, int64_t dst_cols,
+                  int64_t column);
+
 // x[i] += y[i]
 void add_inplace(float* x, const float* y, int64_t count);
 

@@ -14,7 +14,32 @@ from .errors import ConfigError
 _ARCHITECTURE_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
     "PanguEmbedded": "PanguEmbeddedForCausalLM",
+    "gpt_pangu": "GPTPanguForCausalLM",
 }
+
+
+def _pangu_alpha_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """GPTPanguConfig's keys under the names the rest of this module reads."""
+    activation = raw.get("activation_function", "gelu")
+    if activation != "gelu":
+        raise ConfigError(f"{source}: activation_function {activation!r} is not supported (gelu)")
+    try:
+        hidden = int(raw["hidden_size"])
+        heads = int(raw["num_heads"])
+        return dict(
+            raw,
+            num_hidden_layers=raw["num_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            head_dim=hidden // max(heads, 1),
+            intermediate_size=raw.get("intermediate_size") or 4 * hidden,
+            rms_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+            max_position_embeddings=raw.get("max_position_embeddings", 1024),
+            tie_word_embeddings=True,
+            hidden_act="silu",  # checked above as activation_function
+        )
+    except KeyError as missing:
+        raise ConfigError(f"{source}: required key {missing} is missing") from None
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -113,6 +138,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig
             f"{source}: architecture {architecture or raw.get('model_type')!r} is not supported "
             f"(supported: {', '.join(supported)})"
         )
+    if architecture == "GPTPanguForCausalLM":
+        raw = _pangu_alpha_keys(raw, source)
     activation = raw.get("hidden_act", "silu")
     if activation != "silu":
         raise ConfigError(f"{source}: hidden_act {activation!r} is not supported (silu)")

@@ -404,6 +404,8 @@ class Tokenizer:
         ``tokenizer.model``; ``tokenizer_config.json``, ``chat_template.jinja``,
         ``generation_config.json`` and ``config.json`` read when present).
         """
+        from . import tiktoken_tokenizer  # here: it imports this module
+
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise TokenizerError(f"model directory {model_dir} does not exist")
@@ -426,6 +428,9 @@ class Tokenizer:
             add_bos, add_eos = _probe_post_processor(
                 hf_tokenizer, backend, token_strings, json_file
             )
+        elif spm_file.is_file() and tiktoken_tokenizer.is_tiktoken_file(spm_file):
+            # Meta's original Llama 3 checkpoints: tiktoken BPE ranks, not sentencepiece.
+            return tiktoken_tokenizer.tokenizer_from_tiktoken(spm_file)
         elif spm_file.is_file():
             processor = sentencepiece.SentencePieceProcessor()
             try:
