@@ -36,7 +36,8 @@ class Block(nn.Module):
         d = width // self.heads
         query = self.attn["q_proj"](custom_query if custom_query is not None else hidden)
         split = lambda x: x.view(tokens, self.heads, d).transpose(0, 1)  # noqa: E731
-        q, k, v = split(query), split(self.attn["k_proj"](hidden)), split(self.attn["v_proj"](hidden))
+        q = split(query)
+        k, v = split(self.attn["k_proj"](hidden)), split(self.attn["v_proj"](hidden))
         scores = q @ k.transpose(-1, -2) / math.sqrt(d)
         causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
