@@ -11,8 +11,13 @@ import sentencepiece as spm
 from ftengine.pangu_tokenizer import pangu_alpha_tokenizer
 from ftengine.tokenizer import IncrementalDetokenizer
 
-TEXTS = ["今天天气很好，我们去公园散步吧。", "PanGu-α 是一个中文预训练语言模型。\n第二行 with English",
-         "数字 12345 和 符号 !?", "  多个  空格  ", "<eot>之后的文本"]
+TEXTS = [
+    "今天天气很好，我们去公园散步吧。",
+    "PanGu-α 是一个中文预训练语言模型。\n第二行 with English",
+    "数字 12345 和 符号 !?",
+    "  多个  空格  ",
+    "<eot>之后的文本",
+]
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,7 @@ def _training_text() -> list[str]:
     lines = [_CODE, _PROSE]
     for _ in range(400):
         lines.append(" ".join(rng.choice(pieces) for _ in range(rng.randint(3, 15))))
-    return lines
+    return lines + _random_texts(300, seed=100)
 
 
 def _gpt2_bytes_to_unicode() -> dict[int, str]:
