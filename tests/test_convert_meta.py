@@ -23,18 +23,18 @@ from transformers import LlamaForCausalLM
 
 PROMPT_IDS = [1, 17, 250, 33, 4, 99, 120, 7, 64, 300, 12, 5] + list(range(40, 80))
 
-# Meta parameter -> axis fairscale splits it along (None: replicated on every rank).
-_SPLIT_AXES = {
-    "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
-    "attention.wo.weight": 1, "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0,
-    "feed_forward.w2.weight": 1, "attention_norm.weight": None, "ffn_norm.weight": None,
-}
-_HF_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight", "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
+# Meta name inside layers.N -> (transformers name inside model.layers.N, the axis fairscale
+# splits it along over model-parallel ranks; None: replicated on every rank).
+_LAYER_TENSORS = {
+    "attention.wq.weight": ("self_attn.q_proj.weight", 0),
+    "attention.wk.weight": ("self_attn.k_proj.weight", 0),
+    "attention.wv.weight": ("self_attn.v_proj.weight", 0),
+    "attention.wo.weight": ("self_attn.o_proj.weight", 1),
+    "feed_forward.w1.weight": ("mlp.gate_proj.weight", 0),
+    "feed_forward.w3.weight": ("mlp.up_proj.weight", 0),
+    "feed_forward.w2.weight": ("mlp.down_proj.weight", 1),
+    "attention_norm.weight": ("input_layernorm.weight", None),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", None),
 }
 
 # name -> (make_tiny_llama overrides, params.json entries, tok_embeddings split axis)
@@ -48,6 +48,7 @@ CASES = {
     # Llama 3.1 style: GQA, ffn_dim_multiplier, scaled rope, vocabulary-split embedding.
     "llama31_gqa": (
         dict(variant="mha", num_key_value_heads=2, intermediate_size=160,
+             max_position_embeddings=16384,
              rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
                                   low_freq_factor=1.0, high_freq_factor=4.0,
                                   original_max_position_embeddings=8192)),
@@ -72,25 +73,26 @@ def to_meta_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 def write_meta_checkpoint(model: LlamaForCausalLM, hf_dir: Path, directory: Path,
                           params_extra: dict, embedding_axis: int, shards: int = 2) -> Path:
     """Writes `model` as Meta's release would: params.json, consolidated.NN.pth per
-    model-parallel rank, tokenizer.model."""
+    model-parallel rank, tokenizer.model. A tied model gets no output.weight."""
     config = model.config
     state = model.state_dict()
     full = {
         "tok_embeddings.weight": state["model.embed_tokens.weight"],
         "norm.weight": state["model.norm.weight"],
-        "output.weight": state["lm_head.weight"],
     }
+    if not config.tie_word_embeddings:
+        full["output.weight"] = state["lm_head.weight"]
     axes = {"tok_embeddings.weight": embedding_axis, "norm.weight": None, "output.weight": 0,
             "rope.freqs": None}
     for layer in range(config.num_hidden_layers):
-        for meta_name, hf_name in _HF_NAMES.items():
+        for meta_name, (hf_name, axis) in _LAYER_TENSORS.items():
             weight = state[f"model.layers.{layer}.{hf_name}"]
             if meta_name == "attention.wq.weight":
                 weight = to_meta_rows(weight, config.num_attention_heads)
             elif meta_name == "attention.wk.weight":
                 weight = to_meta_rows(weight, config.num_key_value_heads)
             full[f"layers.{layer}.{meta_name}"] = weight
-            axes[f"layers.{layer}.{meta_name}"] = _SPLIT_AXES[meta_name]
+            axes[f"layers.{layer}.{meta_name}"] = axis
     full["rope.freqs"] = torch.arange(8, dtype=torch.float32)  # a buffer the converter skips
     directory.mkdir(parents=True, exist_ok=True)
     for rank in range(shards):
@@ -117,16 +119,26 @@ def bf16_reference(model: LlamaForCausalLM) -> LlamaForCausalLM:
     return rounded
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def meta_case(request, tmp_path_factory):
-    overrides, params_extra, embedding_axis = CASES[request.param]
-    overrides = dict(overrides)
-    variant = overrides.pop("variant")
-    hf_dir = tmp_path_factory.mktemp(f"hf-{request.param}")
-    model = make_tiny_llama(hf_dir, variant, **overrides)
-    meta_dir = write_meta_checkpoint(model, hf_dir, tmp_path_factory.mktemp("meta") / "src",
-                                     params_extra, embedding_axis)
-    return request.param, meta_dir, bf16_reference(model)
+@pytest.fixture(scope="module")
+def meta_checkpoint(tmp_path_factory):
+    """make(case) -> (Meta checkpoint directory, bfloat16-rounded transformers reference),
+    each written once per module."""
+    cache = {}
+
+    def make(case: str):
+        if case not in cache:
+            overrides, params_extra, embedding_axis = CASES[case]
+            overrides = dict(overrides)
+            variant = overrides.pop("variant")
+            hf_dir = tmp_path_factory.mktemp(f"hf-{case}")
+            model = make_tiny_llama(hf_dir, variant, **overrides)
+            meta_dir = write_meta_checkpoint(model, hf_dir,
+                                             tmp_path_factory.mktemp("meta") / "src",
+                                             params_extra, embedding_axis)
+            cache[case] = (meta_dir, bf16_reference(model))
+        return cache[case]
+
+    return make
 
 
 def reference_logits(model, ids):
@@ -158,8 +170,9 @@ def test_intermediate_size_of_released_models():
     assert intermediate_size(16384, 4096, 1.2) == 53248  # Llama 3.1 405B
 
 
-def test_both_rotary_layouts_match_transformers(meta_case, tmp_path):
-    name, meta_dir, reference = meta_case
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_both_rotary_layouts_match_transformers(meta_checkpoint, name, tmp_path):
+    meta_dir, reference = meta_checkpoint(name)
     kept, permuted = tmp_path / "kept", tmp_path / "permuted"
     assert main(["meta", str(meta_dir), str(kept), "--quiet"]) == 0
     assert main(["meta", str(meta_dir), str(permuted), "--permute-qk", "--dtype", "float32",
@@ -203,10 +216,32 @@ def test_both_rotary_layouts_match_transformers(meta_case, tmp_path):
         assert_logits_close(loaded(torch.tensor([PROMPT_IDS])).logits[0].numpy(), expected)
 
 
-def test_command_line_writes_sharded_safetensors(meta_case, tmp_path):
-    name, meta_dir, reference = meta_case
-    if name != "llama2_mha":
-        pytest.skip("one subprocess run is enough")
+def test_tied_single_shard(tmp_path):
+    """One shard, no output.weight (the head shares the embedding, as in Llama 3.2 1B/3B)."""
+    model = make_tiny_llama(tmp_path / "hf", "mqa_tied", intermediate_size=192)
+    source = write_meta_checkpoint(model, tmp_path / "hf", tmp_path / "src",
+                                   dict(multiple_of=64, n_kv_heads=1), embedding_axis=1, shards=1)
+    assert main(["meta", str(source), str(tmp_path / "out"), "--quiet"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    assert_logits_close(load(tmp_path / "out").logits(PROMPT_IDS),
+                        reference_logits(bf16_reference(model), PROMPT_IDS))
+
+
+def test_tiktoken_tokenizer_sets_llama3_special_ids(pristine_meta, tmp_path):
+    source = Path(shutil.copytree(pristine_meta, tmp_path / "src"))
+    # Meta's Llama 3 tokenizer.model: one "base64-token rank" line per BPE rank; the special
+    # tokens (begin_of_text, end_of_text, ..., eot_id at +9) follow the ranks.
+    (source / "tokenizer.model").write_text("".join(f"QUJD{i:04d} {i}\n" for i in range(300)))
+    assert main(["meta", str(source), str(tmp_path / "out"), "--quiet"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (300, [301, 309])
+    assert config["max_position_embeddings"] == 8192  # Llama 3: tiktoken tokenizer
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes().startswith(b"QUJD0000 0\n")
+
+
+def test_command_line_writes_sharded_safetensors(meta_checkpoint, tmp_path):
+    meta_dir, reference = meta_checkpoint("llama2_mha")
     destination = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(ftengine.__path__[0]), os.environ.get("PYTHONPATH", "")]))
@@ -247,7 +282,7 @@ class NotATensor:
 @pytest.fixture(scope="module")
 def pristine_meta(tmp_path_factory):
     hf_dir = tmp_path_factory.mktemp("hf-errors")
-    model = make_tiny_llama(hf_dir, "mha", intermediate_size=192, num_hidden_layers=1)
+    model = make_tiny_llama(hf_dir, "mha", intermediate_size=192)
     return write_meta_checkpoint(model, hf_dir, tmp_path_factory.mktemp("meta-errors") / "src",
                                  dict(multiple_of=32), embedding_axis=1)
 
@@ -326,9 +361,9 @@ def test_tensor_missing_everywhere(broken, tmp_path, capsys):
 
 def test_extra_layer_is_unexpected(broken, tmp_path, capsys):
     params = json.loads((broken / "params.json").read_text())
-    (broken / "params.json").write_text(json.dumps(dict(params, n_layers=0)))
+    (broken / "params.json").write_text(json.dumps(dict(params, n_layers=1)))
     error = run_failing(capsys, broken, tmp_path / "out")
-    assert "does not use (layers.0." in error
+    assert "does not use (layers.1." in error
 
 
 def test_wrong_ffn_rounding(broken, tmp_path, capsys):
@@ -363,4 +398,4 @@ def test_destination_with_a_model_needs_force(pristine_meta, tmp_path, capsys):
     assert main(["meta", str(pristine_meta), str(destination), "--quiet", "--force",
                  "--max-shard-size", "32K"]) == 0
     assert not (destination / "model.safetensors").exists()  # the old single file is gone
-    assert load(destination).config.num_layers == 1
+    assert load(destination).config.num_layers == 2

@@ -60,6 +60,13 @@ def test_encode_decode_follow_the_port(pangu_dir):
     assert tokenizer.bos_token_id is None
 
 
+def test_a_directory_with_vocab_model_loads_it(pangu_dir):
+    from ftengine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(pangu_dir)
+    assert tokenizer.encode(TEXTS[0]) == pangu_alpha_tokenizer(pangu_dir).encode(TEXTS[0])
+
+
 def test_streaming_concatenates_to_decode(pangu_dir):
     tokenizer = pangu_alpha_tokenizer(pangu_dir)
     for text in TEXTS:

@@ -292,7 +292,7 @@ def test_missing_and_malformed_files(tokenizer_dirs: dict[str, Path], tmp_path: 
     with pytest.raises(TokenizerError, match="does not exist"):
         Tokenizer.from_pretrained(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TokenizerError, match="neither tokenizer.json nor tokenizer.model"):
+    with pytest.raises(TokenizerError, match="no tokenizer.json, tokenizer.model or vocab.model"):
         Tokenizer.from_pretrained(tmp_path / "empty")
 
     bad_config = _copy_with(tokenizer_dirs["byte_level_bpe"], tmp_path / "bad_config")

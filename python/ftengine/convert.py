@@ -24,7 +24,7 @@ import math
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,10 @@ _TIKTOKEN_BOS, _TIKTOKEN_EOS, _TIKTOKEN_EOM, _TIKTOKEN_EOT = 0, 1, 8, 9
 _LLAMA3_VOCAB = 128000
 # Default context, as transformers' converter chooses it (CONTEXT_LENGTH_FOR_VERSION).
 _CONTEXT_LLAMA2, _CONTEXT_CODE_LLAMA, _CONTEXT_LLAMA3, _CONTEXT_LLAMA31 = 4096, 16384, 8192, 131072
+# Meta's params.json has no rope scaling factor: its code takes 8, except for Llama 3.2 1B and
+# 3B, whose published transformers configs say 32. They are recognised by (dim, n_layers).
+_DEFAULT_ROPE_SCALING_FACTOR = 8.0
+_ROPE_SCALING_FACTOR_BY_SHAPE = {(2048, 16): 32.0, (3072, 28): 32.0}
 
 # How Meta's fairscale layers split a tensor over model-parallel ranks: ColumnParallelLinear
 # splits output rows (axis 0), RowParallelLinear input columns (axis 1), norms are replicated
@@ -135,14 +139,19 @@ def read_params(src: Path) -> MetaParams:
             norm_eps=float(raw.get("norm_eps", 1e-5)),
             rope_theta=float(raw.get("rope_theta", 10000.0)),
             use_scaled_rope=bool(raw.get("use_scaled_rope", False)),
-            rope_scaling_factor=float(raw.get("rope_scaling_factor") or 8.0),
+            rope_scaling_factor=float(
+                raw.get("rope_scaling_factor")
+                or _ROPE_SCALING_FACTOR_BY_SHAPE.get((dim, int(raw["n_layers"])),
+                                                     _DEFAULT_ROPE_SCALING_FACTOR)
+            ),
             rope_high_freq_factor=float(raw.get("rope_high_freq_factor") or 4.0),
         )
     except KeyError as missing:
         raise ConfigError(f"{path}: required key {missing} is missing") from None
     except (TypeError, ValueError) as bad:
         raise ConfigError(f"{path}: malformed value: {bad}") from None
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "multiple_of"):
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "multiple_of",
+                 "rope_scaling_factor"):
         if getattr(params, name) <= 0:
             raise ConfigError(f"{path}: {name} must be positive, got {getattr(params, name)}")
     if params.n_heads % params.n_kv_heads:
@@ -177,7 +186,7 @@ def load_shard(path: Path) -> dict[str, Any]:
 
     try:
         state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-    except Exception as bad:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+    except Exception as bad:  # UnpicklingError, RuntimeError, EOFError, ...: torch has no one type
         first_line = str(bad).strip().splitlines()[0] if str(bad).strip() else type(bad).__name__
         raise WeightFileError(f"{path} cannot be read as a weights-only torch checkpoint: "
                               f"{first_line}") from None
@@ -250,8 +259,8 @@ def plan_tensors(params: MetaParams, shards: list[dict[str, Any]], files: list[P
     vocab_axis = embedding_axis if tied else 0
     vocab_size = vocab_shape[0] * (count if vocab_axis == 0 else 1)
     if params.vocab_size is not None and params.vocab_size != vocab_size:
-        raise WeightShapeError(f"params.json says vocab_size {params.vocab_size} but {vocab_source} "
-                               f"has {vocab_size} rows across {count} shard(s)")
+        raise WeightShapeError(f"params.json says vocab_size {params.vocab_size} but "
+                               f"{vocab_source} has {vocab_size} rows across {count} shard(s)")
 
     dim, head_dim = params.dim, params.head_dim
     q_rows, kv_rows, ffn = params.n_heads * head_dim, params.n_kv_heads * head_dim, \
@@ -469,7 +478,7 @@ def _prepare_destination(dst: Path, force: bool) -> None:
 
 def convert_meta(src: str | Path, dst: str | Path, *, permute_qk: bool = False,
                  dtype: str | None = None, max_position: int | None = None,
-                 tokenizer: str | Path | None = None,
+                 rope_scaling_factor: float | None = None, tokenizer: str | Path | None = None,
                  max_file_bytes: int = DEFAULT_MAX_SHARD_BYTES, force: bool = False,
                  progress: bool = True) -> Path:
     """Converts a Meta Llama checkpoint directory into a Hugging Face one; returns dst."""
@@ -485,10 +494,17 @@ def convert_meta(src: str | Path, dst: str | Path, *, permute_qk: bool = False,
     if max_position is not None and max_position <= 0:
         raise FtengineError(f"max position must be positive, got {max_position}")
     params = read_params(src)
+    if rope_scaling_factor is not None:
+        if not (math.isfinite(rope_scaling_factor) and rope_scaling_factor > 0):
+            raise FtengineError(f"the rope scaling factor must be positive, got "
+                                f"{rope_scaling_factor}")
+        params = replace(params, rope_scaling_factor=rope_scaling_factor)
     files = shard_files(src)
     shards = [load_shard(path) for path in files]
     planned = plan_tensors(params, shards, files, permute_qk)
     tokenizer_info = find_tokenizer(src, Path(tokenizer) if tokenizer else None, params)
+    if progress and tokenizer_info is not None and tokenizer_info.path.parent != src:
+        print(f"tokenizer: {tokenizer_info.path} ({tokenizer_info.kind})", file=sys.stderr)
     if dtype is None:  # as stored (Meta releases are bfloat16)
         dtype = str(shards[0][planned[0].meta_name].dtype).removeprefix("torch.")
         if dtype not in _DTYPES:
@@ -565,7 +581,11 @@ def build_parser() -> argparse.ArgumentParser:
         "By default q and k keep Meta's interleaved rotary layout and config.json gets "
         "\"rope_interleaved\": true, which ftengine reads (transformers does not); "
         "--permute-qk writes transformers' layout instead. Both give the same logits.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="examples:\n"
+        "  python -m ftengine.convert meta llama-2-7b/ llama-2-7b-ftengine/\n"
+        "  python -m ftengine.convert meta Meta-Llama-3.1-8B/ llama31-hf/ --permute-qk "
+        "--dtype bfloat16",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     meta.add_argument("src", metavar="SRC_DIR", help="directory with params.json and "
                       "consolidated.*.pth (and tokenizer.model, here or in its parent)")
@@ -580,12 +600,17 @@ def build_parser() -> argparse.ArgumentParser:
     meta.add_argument("--max-position", type=int, default=None,
                       help="max_position_embeddings to write (default: 4096 for Llama 2, "
                       "16384 for Code Llama, 8192 for Llama 3, 131072 for Llama 3.1+)")
+    meta.add_argument("--rope-scaling-factor", type=float, default=None,
+                      help="llama3 rope scaling factor for checkpoints with use_scaled_rope "
+                      "(default: params.json's rope_scaling_factor, else 32 for the Llama 3.2 "
+                      "1B/3B shapes and 8 otherwise, as Meta's code does)")
     meta.add_argument("--tokenizer", default=None,
                       help="tokenizer.model to copy (default: SRC_DIR/tokenizer.model, else "
                       "the one in SRC_DIR's parent)")
     meta.add_argument("--max-shard-size", type=_byte_size, default=DEFAULT_MAX_SHARD_BYTES,
                       help="split the safetensors output into files of at most this size "
-                      "(bytes, or with K/M/G suffix), with a model.safetensors.index.json")
+                      "(bytes, or with a K/M/G suffix), indexed by model.safetensors.index.json "
+                      "(default: 2GB)")
     meta.add_argument("--force", action="store_true",
                       help="replace config.json and *.safetensors already in DST_DIR")
     meta.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -597,7 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.format == "meta":
             dst = convert_meta(args.src, args.dst, permute_qk=args.permute_qk, dtype=args.dtype,
-                               max_position=args.max_position, tokenizer=args.tokenizer,
+                               max_position=args.max_position,
+                               rope_scaling_factor=args.rope_scaling_factor,
+                               tokenizer=args.tokenizer,
                                max_file_bytes=args.max_shard_size, force=args.force,
                                progress=not args.quiet)
     except FtengineError as error:

@@ -453,8 +453,15 @@ class Tokenizer:
                 ) from exc
             add_bos = bool(config.get("add_bos_token", False))
             add_eos = bool(config.get("add_eos_token", False))
+        elif (model_dir / "vocab.model").is_file():
+            # PanGu-alpha's PyTorch port: jieba segmentation in front of sentencepiece.
+            from .pangu_tokenizer import pangu_alpha_tokenizer
+
+            return pangu_alpha_tokenizer(model_dir)
         else:
-            raise TokenizerError(f"{model_dir} has neither tokenizer.json nor tokenizer.model")
+            raise TokenizerError(
+                f"{model_dir} has no tokenizer.json, tokenizer.model or vocab.model"
+            )
 
         token_ids = {
             name: _piece_id(backend, piece, model_dir / "tokenizer_config.json")
