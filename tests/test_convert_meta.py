@@ -5,6 +5,7 @@ transformers model they came from."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -228,16 +229,29 @@ def test_tied_single_shard(tmp_path):
                         reference_logits(bf16_reference(model), PROMPT_IDS))
 
 
-def test_tiktoken_tokenizer_sets_llama3_special_ids(pristine_meta, tmp_path):
-    source = Path(shutil.copytree(pristine_meta, tmp_path / "src"))
-    # Meta's Llama 3 tokenizer.model: one "base64-token rank" line per BPE rank; the special
-    # tokens (begin_of_text, end_of_text, ..., eot_id at +9) follow the ranks.
-    (source / "tokenizer.model").write_text("".join(f"QUJD{i:04d} {i}\n" for i in range(300)))
+def test_llama3_tiktoken_checkpoint(tmp_path):
+    """Meta's Llama 3 layout: a tiktoken tokenizer.model whose special tokens (begin_of_text,
+    end_of_text, ..., eot_id at +9) follow the BPE ranks; the converted directory loads."""
+    tokens = [bytes([b]) for b in range(256)] + [bytes([97 + i % 26, 97 + i // 26])
+                                                 for i in range(44)]
+    model = make_tiny_llama(tmp_path / "hf", "mha", intermediate_size=192,
+                            vocab_size=len(tokens) + 256,
+                            rope_parameters=dict(rope_type="default", rope_theta=500000.0))
+    source = write_meta_checkpoint(model, tmp_path / "hf", tmp_path / "src",
+                                   dict(multiple_of=64, rope_theta=500000.0), embedding_axis=0)
+    (source / "tokenizer.model").write_bytes(
+        b"".join(base64.b64encode(token) + b" %d\n" % rank for rank, token in enumerate(tokens)))
     assert main(["meta", str(source), str(tmp_path / "out"), "--quiet"]) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (300, [301, 309])
     assert config["max_position_embeddings"] == 8192  # Llama 3: tiktoken tokenizer
-    assert (tmp_path / "out" / "tokenizer.model").read_bytes().startswith(b"QUJD0000 0\n")
+    assert not (tmp_path / "out" / "tokenizer_config.json").exists()
+
+    engine = load(tmp_path / "out")
+    assert engine.tokenizer.encode("ab")[0] == 300
+    assert {301, 309} <= set(engine.tokenizer.eos_token_ids)
+    assert_logits_close(engine.logits(PROMPT_IDS),
+                        reference_logits(bf16_reference(model), PROMPT_IDS))
 
 
 def test_command_line_writes_sharded_safetensors(meta_checkpoint, tmp_path):

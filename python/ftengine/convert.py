@@ -32,6 +32,7 @@ from .errors import (
     ConfigError,
     FtengineError,
     MissingWeightError,
+    TokenizerError,
     WeightFileError,
     WeightShapeError,
 )
@@ -39,7 +40,6 @@ from .errors import (
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 _DTYPES = ("bfloat16", "float16", "float32")
 _SHARD_FILE = re.compile(r"consolidated\.(\d+)\.pth")
-_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=*\s+\d+")
 
 # Meta's Llama 3 tiktoken tokenizer appends its special tokens after the BPE ranks (128000 of
 # them): begin_of_text, end_of_text, ..., eom_id (Llama 3.1) at +8, eot_id at +9.
@@ -54,10 +54,10 @@ _ROPE_SCALING_FACTOR_BY_SHAPE = {(2048, 16): 32.0, (3072, 28): 32.0}
 
 # How Meta's fairscale layers split a tensor over model-parallel ranks: ColumnParallelLinear
 # splits output rows (axis 0), RowParallelLinear input columns (axis 1), norms are replicated
-# (None). The token embedding is ParallelEmbedding (axis 1) in Llama 2 and VocabParallelEmbedding
-# (axis 0) in Llama 3: _EMBEDDING_AXIS means "tell from the shard shapes".
+# (None). The output head is ColumnParallel (axis 0); the token embedding is ParallelEmbedding
+# (axis 1) in Llama 2 and VocabParallelEmbedding (axis 0) in Llama 3, told apart by the shard
+# shapes (_embedding_axis).
 _REPLICATED = None
-_EMBEDDING_AXIS = "embedding"
 _LAYER_TENSORS = {  # Meta name inside layers.N -> (HF name inside model.layers.N, split axis)
     "attention.wq.weight": ("self_attn.q_proj.weight", 0),
     "attention.wk.weight": ("self_attn.k_proj.weight", 0),
@@ -68,11 +68,6 @@ _LAYER_TENSORS = {  # Meta name inside layers.N -> (HF name inside model.layers.
     "feed_forward.w2.weight": ("mlp.down_proj.weight", 1),
     "attention_norm.weight": ("input_layernorm.weight", _REPLICATED),
     "ffn_norm.weight": ("post_attention_layernorm.weight", _REPLICATED),
-}
-_MODEL_TENSORS = {
-    "tok_embeddings.weight": ("model.embed_tokens.weight", _EMBEDDING_AXIS),
-    "norm.weight": ("model.norm.weight", _REPLICATED),
-    "output.weight": ("lm_head.weight", 0),
 }
 # Buffers some releases carry that the model recomputes from params.json.
 _IGNORED = ("rope.freqs",)
@@ -263,8 +258,8 @@ def plan_tensors(params: MetaParams, shards: list[dict[str, Any]], files: list[P
                                f"{vocab_source} has {vocab_size} rows across {count} shard(s)")
 
     dim, head_dim = params.dim, params.head_dim
-    q_rows, kv_rows, ffn = params.n_heads * head_dim, params.n_kv_heads * head_dim, \
-        params.intermediate_size
+    q_rows, kv_rows = params.n_heads * head_dim, params.n_kv_heads * head_dim
+    ffn = params.intermediate_size
     layer_shapes = {
         "attention.wq.weight": (q_rows, dim),
         "attention.wk.weight": (kv_rows, dim),
@@ -390,11 +385,10 @@ def find_tokenizer(src: Path, given: Path | None, params: MetaParams) -> Tokeniz
         path = next((candidate for candidate in candidates if candidate.is_file()), None)
         if path is None:
             return None
-    with path.open("rb") as stream:
-        head = stream.readline().strip()
-    if _TIKTOKEN_LINE.fullmatch(head):
-        with path.open("rb") as stream:
-            ranks = sum(1 for line in stream if line.strip())
+    from .tiktoken_tokenizer import is_tiktoken_file, read_tiktoken_ranks
+
+    if is_tiktoken_file(path):
+        ranks = len(read_tiktoken_ranks(path))  # checks the file
         eos = [ranks + _TIKTOKEN_EOS, ranks + _TIKTOKEN_EOT]
         if params.use_scaled_rope:
             eos.insert(1, ranks + _TIKTOKEN_EOM)
@@ -405,7 +399,7 @@ def find_tokenizer(src: Path, given: Path | None, params: MetaParams) -> Tokeniz
     try:
         processor.load(str(path))
     except (OSError, RuntimeError) as bad:
-        raise FtengineError(f"{path} is neither a sentencepiece model nor a tiktoken BPE file: "
+        raise TokenizerError(f"{path} is neither a sentencepiece model nor a tiktoken BPE file: "
                             f"{bad}") from None
     bos, eos = processor.bos_id(), processor.eos_id()
     return TokenizerInfo(path, "sentencepiece", bos if bos >= 0 else None,
