@@ -3,6 +3,7 @@
     python -m ftengine.convert meta SRC_DIR DST_DIR                  # keep q/k, rope_interleaved
     python -m ftengine.convert meta SRC_DIR DST_DIR --permute-qk     # HF's rotate_half layout
 
+`pangu-alpha` reads PanGu-alpha's PyTorch port (pytorch_model.bin, config.json, vocab.model).
 `meta` reads Meta's Llama 2 / 3 release layout: params.json plus consolidated.00.pth ...
 consolidated.NN.pth, one file per model-parallel rank of Meta's fairscale layers. The pickles are
 read with torch.load(weights_only=True), which refuses anything but tensors and plain containers,
@@ -559,6 +560,56 @@ def _byte_size(text: str) -> int:
     return size
 
 
+# The port's attention modules keep a causal-mask buffer (attn.bias) and its fill value
+# (attn.masked_bias) in the state dict; ftengine's kernels need neither.
+_PANGU_MASK_BUFFER = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")
+
+
+def convert_pangu_alpha(src: str | Path, dst: str | Path, *, force: bool = False,
+                        progress: bool = True) -> Path:
+    """PanGu-alpha's PyTorch port (config.json, pytorch_model.bin, vocab.model) into a
+    safetensors directory; returns dst."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    src, dst = Path(src), Path(dst)
+    config_path = src / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{config_path} not found: is {src} a PanGu-alpha directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+        raise ConfigError(f"{config_path} is not valid JSON: {bad}") from None
+    index = src / "pytorch_model.bin.index.json"
+    if index.exists():
+        try:
+            files = sorted({src / name for name in json.loads(index.read_text())["weight_map"]
+                            .values()})
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as bad:
+            raise WeightFileError(f"{index} is not a valid shard index: {bad}") from None
+    else:
+        files = [src / "pytorch_model.bin"]
+    for path in files:
+        if not path.is_file():
+            raise WeightFileError(f"{path} not found")
+    tensors: dict[str, Any] = {}
+    for path in tqdm(files, desc="reading", disable=not progress, leave=False):
+        for name, value in load_shard(path).items():
+            if _PANGU_MASK_BUFFER.fullmatch(name) or name == "lm_head.weight":
+                continue  # mask buffers; the head is tied to transformer.wte
+            tensors[name] = value.contiguous()
+    if not (src / "vocab.model").is_file():
+        raise WeightFileError(f"{src / 'vocab.model'} not found: the tokenizer is needed too")
+    _prepare_destination(dst, force)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config.update(architectures=["GPTPanguForCausalLM"], model_type="gpt_pangu")
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("vocab.model", "tokenizer_config.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    return dst
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ftengine.convert",
@@ -608,6 +659,19 @@ def build_parser() -> argparse.ArgumentParser:
     meta.add_argument("--force", action="store_true",
                       help="replace config.json and *.safetensors already in DST_DIR")
     meta.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    pangu = formats.add_parser(
+        "pangu-alpha",
+        help="PanGu-alpha PyTorch port: config.json + pytorch_model.bin + vocab.model",
+        description="Convert PanGu-alpha's PyTorch port (2.6B, 13B) into safetensors: the pickle "
+        "is read tensors-only, the attention mask buffers are dropped, config.json and the "
+        "jieba + sentencepiece tokenizer (vocab.model) are copied.",
+    )
+    pangu.add_argument("src", metavar="SRC_DIR", help="directory with pytorch_model.bin")
+    pangu.add_argument("dst", metavar="DST_DIR", help="output directory (created if absent)")
+    pangu.add_argument("--force", action="store_true",
+                       help="replace config.json and *.safetensors already in DST_DIR")
+    pangu.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -621,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
                                tokenizer=args.tokenizer,
                                max_file_bytes=args.max_shard_size, force=args.force,
                                progress=not args.quiet)
+        else:
+            dst = convert_pangu_alpha(args.src, args.dst, force=args.force,
+                                      progress=not args.quiet)
     except FtengineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
