@@ -28,7 +28,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from .errors import TokenizerError, WeightFileError
-from .tokenizer import HfTokenizersBackend, Tokenizer
+from .tokenizer import HfTokenizersBackend, Tokenizer, bytes_to_unicode
 
 # GGUF token types (llama.cpp's llama_token_type, the same numbers as sentencepiece's).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = range(
@@ -91,24 +91,7 @@ PRE_TOKENIZER_SPLITS = {
 _UNSUPPORTED_SPM_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "phi3")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (transformers' ``bytes_to_unicode``)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-_BYTE_SPELLING = _bytes_to_unicode()
+_BYTE_SPELLING = bytes_to_unicode()
 _BYTE_ALPHABET = frozenset(_BYTE_SPELLING.values())
 
 

@@ -54,6 +54,7 @@ from .tokenizer import (
     _read_chat_templates,
     _read_json,
     _token_content,
+    bytes_to_unicode,
 )
 
 # Meta's llama3 tokenizer.py pat_str (also transformers' TikTokenConverter default and the Split
@@ -210,23 +211,6 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
     return ranks
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2's byte <-> printable character table, as tokenizers' ByteLevel uses it.
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
-
-
 def build_tiktoken_bpe(
     ranks: Mapping[bytes, int],
     special_tokens: Mapping[str, int] | None = None,
@@ -236,7 +220,7 @@ def build_tiktoken_bpe(
     (transformers' ``TikTokenConverter``, without a post-processor). ``special_tokens`` must have
     the ids ``len(ranks)``, ``len(ranks) + 1``, ... in some order.
     """
-    byte_char = _bytes_to_unicode()
+    byte_char = bytes_to_unicode()
     table = [byte_char[b] for b in range(256)]
 
     def to_str(token: bytes) -> str:

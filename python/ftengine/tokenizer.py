@@ -43,6 +43,23 @@ _TEMPLATE_TOKEN_NAMES = (
 )
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (transformers' ``bytes_to_unicode``)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
 class TokenizerBackend(Protocol):
     """What :class:`Tokenizer` needs from a tokenization library. ``encode`` never adds BOS/EOS."""
 
