@@ -132,7 +132,6 @@ class LlamaModel final : public Model {
     rotary_.inv_freq = &inv_freq_;
     rotary_.rotary_dim = config.head_dim;
     rotary_.interleaved = config.rope.interleaved;
-    if (plan_.size > 1 && allreduce_tile_tokens_ == 0) tile_allreduce_ = tiling_pays();
   }
 
   const ModelConfig& config() const override { return config_; }
@@ -196,14 +195,20 @@ class LlamaModel final : public Model {
                            Tensor& out) {
     const int64_t tokens = x.dim(0);
     const int64_t tile = plan_.size == 1 ? tokens : allreduce_tile(tokens);
-    for (int64_t begin = 0; begin < tokens; begin += tile) {
-      const int64_t count = std::min(tile, tokens - begin);
-      Tensor out_tile = out.row_range(begin, count);
-      backend_.linear(x.row_range(begin, count), weight, nullptr, out_tile);
-      if (plan_.size > 1 && tile < tokens) {
-        communicator_->start_allreduce_sum(out_tile.data<float>(), out_tile.numel());
-        communicator_->progress();
+    try {
+      for (int64_t begin = 0; begin < tokens; begin += tile) {
+        const int64_t count = std::min(tile, tokens - begin);
+        Tensor out_tile = out.row_range(begin, count);
+        backend_.linear(x.row_range(begin, count), weight, nullptr, out_tile);
+        if (plan_.size > 1 && tile < tokens) {
+          communicator_->start_allreduce_sum(out_tile.data<float>(), out_tile.numel());
+          communicator_->progress();
+        }
       }
+    } catch (...) {
+      // Sums already started write into `out`: they must finish before anything is freed.
+      communicator_->wait_all();
+      throw;
     }
     if (plan_.size > 1) {
       if (tile < tokens) {
@@ -217,12 +222,19 @@ class LlamaModel final : public Model {
 
   // Tokens per AllReduce tile: the configured count; or, when tiling pays on this machine, a
   // quarter of the step with at least kMinTileTokens, so each tile's matrix product stays large
-  // enough to run at speed; decode steps (too few tokens to split) use one AllReduce.
-  int64_t allreduce_tile(int64_t tokens) const {
+  // enough to run at speed; decode steps (too few tokens to split) use one AllReduce. The
+  // measurement runs at the first step long enough to tile: every rank runs the same steps, so
+  // all of them reach its collectives together (unlike at load, where a rank may have failed).
+  int64_t allreduce_tile(int64_t tokens) {
     static constexpr int64_t kMinTileTokens = 64;
     if (allreduce_tile_tokens_ < 0) return tokens;
     if (allreduce_tile_tokens_ > 0) return std::min<int64_t>(allreduce_tile_tokens_, tokens);
-    if (!tile_allreduce_ || tokens < 2 * kMinTileTokens) return tokens;
+    if (tokens < 2 * kMinTileTokens) return tokens;
+    if (!tiling_decided_) {
+      tile_allreduce_ = tiling_pays();
+      tiling_decided_ = true;
+    }
+    if (!tile_allreduce_) return tokens;
     return std::max(kMinTileTokens, (tokens + 3) / 4);
   }
 
@@ -231,8 +243,9 @@ class LlamaModel final : public Model {
   // with every rank taking part: one o_proj-sized product against the AllReduce of its output.
   // On 2 CPU ranks over shared memory the sum is 0.11 of the o_proj product (~1% of a prefill)
   // and every tiling lost time (scripts/bench_tp_cpu.py); over a slow interconnect, or against
-  // GPU-speed products, the ratio is far higher. The ranks average their ratios so that all of
-  // them decide alike (a mismatch would pair different collectives).
+  // GPU-speed products, the ratio is far higher. The ranks vote and sum whole votes, which every
+  // rank receives bit-identical, so all of them decide alike (a mismatch would pair different
+  // collectives).
   bool tiling_pays() {
     static constexpr int64_t kProbeTokens = 256;
     static constexpr double kWorthwhileRatio = 0.25;
@@ -249,9 +262,9 @@ class LlamaModel final : public Model {
     };
     const double product = seconds([&] { backend_.linear(x, layers_[0].o_weight, nullptr, y); });
     const double sum = seconds([&] { communicator_->allreduce_sum(y.data<float>(), y.numel()); });
-    float ratio = static_cast<float>(sum / std::max(product, 1e-9));
-    communicator_->allreduce_sum(&ratio, 1);
-    return ratio / plan_.size > kWorthwhileRatio;
+    float votes = sum / std::max(product, 1e-9) > kWorthwhileRatio ? 1.f : 0.f;
+    communicator_->allreduce_sum(&votes, 1);
+    return 2.f * votes > static_cast<float>(plan_.size);
   }
 
   // Each rank computed logits for its vocabulary slice; every rank gets all of them, in order.
@@ -292,7 +305,8 @@ class LlamaModel final : public Model {
   std::shared_ptr<Communicator> communicator_;
   ShardPlan plan_;
   int32_t allreduce_tile_tokens_;  // > 0: fixed tile, -1: never tile, 0: tile when it pays
-  bool tile_allreduce_ = false;    // the measured decision for allreduce_tile_tokens_ == 0
+  bool tiling_decided_ = false;    // the measurement for allreduce_tile_tokens_ == 0 ran
+  bool tile_allreduce_ = false;    // its outcome
   Tensor embed_tokens_, final_norm_, lm_head_;
   std::vector<LlamaLayer> layers_;
   std::vector<float> inv_freq_;

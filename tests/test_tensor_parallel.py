@@ -240,6 +240,24 @@ def test_ranks_with_same_shaped_different_models_fail(model_dir, tmp_path):
     _expect_error_on_every_rank(result, elapsed, 2, "ranks disagree on the model weights")
 
 
+def test_rank_failing_while_loading_weights_fails_every_rank(model_dir, tmp_path):
+    """Rank 1 reads a NaN deep inside one tensor (past the fingerprinted first bytes), so it
+    fails while streaming weights, after the agreement checks: rank 0 must learn of it instead
+    of waiting in a collective of the model build."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir("gqa"), broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][7, 9] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    result, elapsed = _run(_mpi_command(2, str(WORKER), str(model_dir("gqa")),
+                                        str(tmp_path / "x.npz"), "--rank1-model", str(broken)))
+    _expect_error_on_every_rank(result, elapsed, 2, "rank 1 failed")
+
+
 def test_rank_killed_mid_generation_ends_the_job(model_dir, tmp_path):
     result, elapsed = _run(_mpi_command(2, str(WORKER), str(model_dir("gqa")),
                                         str(tmp_path / "x.npz"), "--die-after", "3"))

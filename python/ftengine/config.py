@@ -23,6 +23,8 @@ def _pangu_alpha_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
     activation = raw.get("activation_function", "gelu")
     if activation != "gelu":
         raise ConfigError(f"{source}: activation_function {activation!r} is not supported (gelu)")
+    if raw.get("scale_attn_weights", True) is not True:
+        raise ConfigError(f"{source}: scale_attn_weights false is not supported")
     try:
         hidden = int(raw["hidden_size"])
         heads = int(raw["num_heads"])
@@ -40,6 +42,8 @@ def _pangu_alpha_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
         )
     except KeyError as missing:
         raise ConfigError(f"{source}: required key {missing} is missing") from None
+    except (TypeError, ValueError) as bad:
+        raise ConfigError(f"{source}: malformed value: {bad}") from None
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -189,7 +193,7 @@ def _check_sizes(config: ModelConfig, source: str) -> None:
             f"{source}: num_attention_heads ({config.num_heads}) is not a multiple of "
             f"num_key_value_heads ({config.num_kv_heads})"
         )
-    if config.head_dim % 2:
+    if config.head_dim % 2 and config.architecture != "GPTPanguForCausalLM":
         raise ConfigError(f"{source}: head_dim must be even for rotary embedding")
     for name in ("rope_theta", "rope_factor", "norm_eps", "rope_original_max_position"):
         value = getattr(config, name)

@@ -573,6 +573,8 @@ def convert_pangu_alpha(src: str | Path, dst: str | Path, *, force: bool = False
     from tqdm import tqdm
 
     src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve():
+        raise FtengineError(f"{dst} is the source directory: write the conversion elsewhere")
     config_path = src / "config.json"
     try:
         config = json.loads(config_path.read_text())

@@ -145,7 +145,7 @@ class Engine:
             result, error = None, None
             try:
                 result = step()
-            except Exception as failure:  # reported to every rank, then re-raised
+            except BaseException as failure:  # reported to every rank, then re-raised
                 error = failure
             distributed.all_succeeded(comm, error)
             return result

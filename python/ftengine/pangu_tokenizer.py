@@ -36,25 +36,15 @@ class PanguAlphaBackend:
             raise TokenizerError(f"{model_file} is not a sentencepiece model: {bad}") from None
         self.vocab_size = self.processor.vocab_size()
         specials = [self.processor.piece_to_id(p) for p in SPECIAL_PIECES]
-        self._specials = {p: i for p, i in zip(SPECIAL_PIECES, specials, strict=True)
-                          if self.processor.id_to_piece(i) == p}
-        for piece in self._specials:
-            self._jieba.add_word(piece)
-        self.special_ids = frozenset(self._specials.values())
+        self.special_ids = frozenset(i for p, i in zip(SPECIAL_PIECES, specials, strict=True)
+                                     if self.processor.id_to_piece(i) == p)
         self.byte_fallback_ids = frozenset()
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        words: list[str] = []
-        for word in self._jieba.cut(text, cut_all=False):
-            if word in self._specials:  # special tokens pass through as their own ids
-                ids.extend(self.processor.encode(" ".join(words)))
-                ids.append(self._specials[word])
-                words = []
-            else:
-                words.append(word.translate(_TO_PIECES))
-        ids.extend(self.processor.encode(" ".join(words)))
-        return ids
+        # Special-token strings typed into text stay text: jieba splits them at "<" and ">",
+        # which is what the port's tokenizer does too.
+        words = [word.translate(_TO_PIECES) for word in self._jieba.cut(text, cut_all=False)]
+        return self.processor.encode(" ".join(words))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         kept = [i for i in ids if 0 <= i < self.vocab_size
