@@ -3,6 +3,10 @@ runs, truncations, integer fields set to extremes) go through Engine.from_pretra
 opening and every tensor read. Any exception that is not an ftengine error, any crash, or a
 case slower than --case-timeout fails the run.
 
+The mutations are drawn through hypothesis (st.randoms), so a failure is shrunk to a small
+mutation before it is reported and saved as fuzz_failure.gguf. The run is bounded in time: the
+case rate of a short warm-up sets hypothesis's example count for --seconds.
+
     python scripts/fuzz_gguf.py --seconds 60
 """
 
@@ -66,32 +70,51 @@ def main() -> int:
     parser.add_argument("--seed-file", type=Path, default=None,
                         help="valid GGUF to mutate (default: a tiny one written here)")
     args = parser.parse_args()
-    rng = random.Random(args.seed)
+    from hypothesis import HealthCheck, given, seed, settings
+    from hypothesis import strategies as st
+
     with tempfile.TemporaryDirectory() as tmp:
         seed_file = args.seed_file or make_seed_file(Path(tmp))
         original = seed_file.read_bytes()
+        path = Path(tmp) / "case.gguf"
         counts = {"accepted": 0, "rejected": 0}
-        deadline = time.monotonic() + args.seconds
-        case = 0
         context = multiprocessing.get_context("fork")
         with context.Pool(1, maxtasksperchild=200) as pool:
-            while time.monotonic() < deadline:
-                case += 1
-                path = Path(tmp) / "case.gguf"
+
+            def run_case(rng: random.Random) -> None:
                 path.write_bytes(mutate(original, rng))
                 try:
                     outcome = pool.apply_async(open_and_read, (str(path),)).get(args.case_timeout)
                 except multiprocessing.TimeoutError:
-                    print(f"case {case}: no answer in {args.case_timeout} s", file=sys.stderr)
-                    (Path.cwd() / "fuzz_failure.gguf").write_bytes(path.read_bytes())
-                    return 1
+                    raise AssertionError(f"no answer in {args.case_timeout} s") from None
                 except Exception as error:  # noqa: BLE001 - any non-ftengine error is a finding
-                    print(f"case {case}: {type(error).__name__}: {error}", file=sys.stderr)
-                    (Path.cwd() / "fuzz_failure.gguf").write_bytes(path.read_bytes())
-                    return 1
+                    raise AssertionError(f"{type(error).__name__}: {error}") from None
                 counts[outcome] += 1
-    print(f"{case} cases in {args.seconds:.0f} s: {counts['rejected']} rejected with a clear "
-          f"error, {counts['accepted']} accepted; no crash")
+
+            warmup = random.Random(args.seed)
+            started = time.monotonic()
+            for _ in range(20):
+                run_case(warmup)
+            rate = 20 / max(time.monotonic() - started, 1e-3)
+            examples = max(20, int(rate * args.seconds))
+
+            @seed(args.seed)
+            @settings(max_examples=examples, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(st.randoms(use_true_random=False))
+            def fuzz(rng: random.Random) -> None:
+                run_case(rng)
+
+            try:
+                fuzz()
+            except AssertionError as finding:
+                (Path.cwd() / "fuzz_failure.gguf").write_bytes(path.read_bytes())
+                print(f"finding (shrunk): {finding}; case saved as fuzz_failure.gguf",
+                      file=sys.stderr)
+                return 1
+    cases = counts["accepted"] + counts["rejected"]
+    print(f"{cases} cases: {counts['rejected']} rejected with a clear error, "
+          f"{counts['accepted']} accepted; no crash")
     return 0
 
 
