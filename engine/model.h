@@ -27,6 +27,9 @@ struct RopeConfig {
   float high_freq_factor = 4.f;     // llama3
   int32_t original_max_position = 8192;  // llama3
   bool interleaved = false;         // Meta checkpoints rotate (x[2i], x[2i+1]) pairs
+  // Per-frequency divisors applied after the scaling above (llama.cpp's rope_freqs tensor, how
+  // GGUF files carry Llama 3.1's scaling); empty means none.
+  std::vector<float> freq_factors;
 };
 
 struct ModelConfig {

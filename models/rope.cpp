@@ -1,6 +1,8 @@
 #include "models/rope.h"
 
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 namespace ftengine::models {
 
@@ -36,6 +38,14 @@ std::vector<float> rope_inv_freq(const RopeConfig& rope, int rotary_dim) {
       }
       break;
     }
+  }
+  if (!rope.freq_factors.empty()) {
+    if (static_cast<int>(rope.freq_factors.size()) != half) {
+      throw std::invalid_argument("rope frequency factors: " +
+                                  std::to_string(rope.freq_factors.size()) + " given, " +
+                                  std::to_string(half) + " rotary frequencies");
+    }
+    for (int i = 0; i < half; ++i) inv_freq[i] /= rope.freq_factors[i];
   }
   return inv_freq;
 }

@@ -72,9 +72,30 @@ def gpt2_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_dir: Path) -> Non
         writer.add_chat_template(config["chat_template"])
 
 
+def llama3_rope_factors(config) -> np.ndarray:
+    """llama.cpp's rope_freqs tensor for a llama3-scaled rope (convert_hf_to_gguf's formula)."""
+    rope = config.rope_parameters
+    dim, base = config.head_dim, rope["rope_theta"]
+    low_wavelen = rope["original_max_position_embeddings"] / rope["low_freq_factor"]
+    high_wavelen = rope["original_max_position_embeddings"] / rope["high_freq_factor"]
+    factors = []
+    for freq in 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)):
+        wavelen = 2 * np.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(rope["factor"])
+        else:
+            smooth = ((rope["original_max_position_embeddings"] / wavelen - rope["low_freq_factor"])
+                      / (rope["high_freq_factor"] - rope["low_freq_factor"]))
+            factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def write_tiny_gguf(path: Path, model, tokenizer_dir: Path, qtype: Q = Q.Q8_0,
                     architecture: str = "llama") -> Path:
-    """Writes `model` (a transformers LlamaForCausalLM) as a GGUF file; matrices in `qtype`."""
+    """Writes `model` (a transformers LlamaForCausalLM) as a GGUF file; matrices in `qtype`.
+    A llama3-scaled rope is written as llama.cpp does: a rope_freqs tensor of divisors."""
     config = model.config
     writer = gguf.GGUFWriter(path, architecture)
     writer.add_block_count(config.num_hidden_layers)
@@ -112,6 +133,8 @@ def write_tiny_gguf(path: Path, model, tokenizer_dir: Path, qtype: Q = Q.Q8_0,
                 values = permute_for_interleaved_rope(values, config.num_key_value_heads)
         data, stored = encode_tensor(values, qtype, seed=index)
         writer.add_tensor(target, data, raw_dtype=stored)
+    if config.rope_parameters.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config), raw_dtype=Q.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -55,6 +55,21 @@ def test_tiny_gguf_matches_transformers(tiny_source, tmp_path, qtype):
     assert output.token_ids == greedy(reference, ids, 12)
 
 
+def test_rope_freqs_carry_llama3_scaling(tmp_path):
+    """Llama 3.1 GGUFs hold their rope scaling as per-frequency divisors (rope_freqs): the GGUF
+    must give the logits of the transformers model with llama3 rope scaling it came from."""
+    source = tmp_path / "source"
+    model = make_tiny_llama(source, "llama3_rope", "byte_level_bpe", max_position_embeddings=512)
+    path = write_tiny_gguf(tmp_path / "llama31.gguf", model, source, Q.F32)
+    engine = Engine.from_pretrained(path, progress=False)
+    assert len(engine.config.rope_freq_factors) == model.config.head_dim // 2
+    ids = list(range(5, 300))  # past original_max_position_embeddings (64), where scaling acts
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(engine.logits(ids), expected,
+                               atol=5e-5 * max(np.abs(expected).max(), 1.0))
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     path = resolve_model(DEFAULT_MODEL)

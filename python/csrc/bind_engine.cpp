@@ -62,6 +62,7 @@ ModelConfig model_config_from_dict(const py::dict& d) {
   c.rope.high_freq_factor = required<float>(d, "rope_high_freq_factor");
   c.rope.original_max_position = required<int32_t>(d, "rope_original_max_position");
   c.rope.interleaved = required<bool>(d, "rope_interleaved");
+  c.rope.freq_factors = required<std::vector<float>>(d, "rope_freq_factors");
   c.attention_bias = required<bool>(d, "attention_bias");
   c.mlp_bias = required<bool>(d, "mlp_bias");
   c.tie_word_embeddings = required<bool>(d, "tie_word_embeddings");

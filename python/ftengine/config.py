@@ -68,6 +68,7 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_max_position: int = 8192
     rope_interleaved: bool = False
+    rope_freq_factors: tuple[float, ...] = ()  # GGUF rope_freqs: inv_freq[i] /= factor[i]
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
@@ -80,6 +81,7 @@ class ModelConfig:
         fields.pop("bos_token_id")
         fields.pop("eos_token_ids")
         fields["weight_dtype"] = weight_dtype
+        fields["rope_freq_factors"] = list(self.rope_freq_factors)
         return fields
 
 

@@ -132,11 +132,6 @@ def _llama_config(meta: dict[str, Any], tensors: dict[str, Any], source: str):
             raise ConfigError(f"{source}: GGUF metadata llama.{key} is missing")
         return value
 
-    if "rope_freqs.weight" in tensors:
-        raise ConfigError(
-            f"{source}: per-frequency rope factors (rope_freqs, Llama 3.1 long context) are not "
-            f"supported in GGUF files yet; use the Hugging Face checkpoint"
-        )
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
     head_dim = int(meta.get("llama.attention.key_length") or hidden // max(heads, 1))
@@ -170,7 +165,21 @@ def _llama_config(meta: dict[str, Any], tensors: dict[str, Any], source: str):
                                "factor": float(get("rope.scaling.factor"))}
     elif scaling not in ("none", None):
         raw["rope_scaling"] = {"rope_type": scaling}  # rejected by config_from_dict by name
-    return replace(config_from_dict(raw, source), rope_interleaved=True)
+    config = replace(config_from_dict(raw, source), rope_interleaved=True)
+    if "rope_freqs.weight" in tensors:
+        # Llama 3.1 / 3.2 GGUFs carry their rope scaling as per-frequency divisors.
+        factors = _rope_freq_factors(tensors["rope_freqs.weight"], config.head_dim // 2, source)
+        config = replace(config, rope_freq_factors=factors)
+    return config
+
+
+def _rope_freq_factors(tensor: Any, count: int, source: str) -> tuple[float, ...]:
+    if tensor.tensor_type.name != "F32" or int(tensor.n_elements) != count:
+        raise ConfigError(f"{source}: rope_freqs must hold {count} float32 values")
+    factors = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+    if not (np.isfinite(factors).all() and (factors > 0).all()):
+        raise ConfigError(f"{source}: rope_freqs holds non-positive or non-finite values")
+    return tuple(float(f) for f in factors)
 
 
 def open_gguf(path: Path) -> Checkpoint:
@@ -190,7 +199,7 @@ def open_gguf(path: Path) -> Checkpoint:
         entries[name] = GgufEntry(name, gguf_name, path, tensor.tensor_type.name, shape,
                                   int(tensor.n_bytes), tensor)
     # Tensors under names the engine has no use for would be silently dropped: name them.
-    unused = [n for n in tensors if hf_name(n) is None]
+    unused = [n for n in tensors if hf_name(n) is None and n != "rope_freqs.weight"]
     if unused:
         raise ConfigError(
             f"{path}: tensors {', '.join(unused[:5])} belong to no part of the llama model"
