@@ -87,9 +87,11 @@ ForwardBatch Generator::build_batch(const std::vector<Sequence*>& sequences,
     }
     batch.cu_seqlens_q.push_back(static_cast<int32_t>(batch.num_tokens()));
     batch.seqlens_kv.push_back(cached_after);
-    std::vector<int32_t> row(batch.block_table_stride, 0);
-    std::copy(sequence.blocks.begin(), sequence.blocks.end(), row.begin());
-    batch.block_table.insert(batch.block_table.end(), row.begin(), row.end());
+    // Each sequence's row of the table, padded with block 0 (never read past seqlens_kv).
+    batch.block_table.insert(batch.block_table.end(), sequence.blocks.begin(),
+                             sequence.blocks.end());
+    batch.block_table.resize(batch.block_table.size() + batch.block_table_stride -
+                             sequence.blocks.size());
   }
   return batch;
 }

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "models/rope.h"
+#include "models/workspace.h"
 
 namespace ftengine::models {
 
@@ -81,6 +82,8 @@ struct LlamaLayer {
 struct Workspace {
   int64_t capacity = 0;
   Tensor hidden, normed, qkv, q, attention_out, projected, gate_up, activated;
+  // The head's outputs, sized by the rows that need logits (see grown_rows).
+  Tensor local_logits, gathered_logits, logits;
 };
 
 class LlamaModel final : public Model {
@@ -172,13 +175,15 @@ class LlamaModel final : public Model {
       backend_.add_inplace(hidden, projected);
     }
 
+    // The head reads only the rows that need logits; the layers' buffers are free by now
+    // (logits rows never outnumber the step's tokens).
     const int64_t rows = static_cast<int64_t>(batch.logits_rows.size());
-    const DType dtype = backend_.activation_dtype();
-    Tensor selected = backend_.empty({rows, c.hidden_size}, dtype);
+    Tensor selected = workspace_.projected.first_rows(rows);
     backend_.gather_rows(hidden, batch.logits_rows, selected);
-    Tensor selected_normed = backend_.empty({rows, c.hidden_size}, dtype);
+    Tensor selected_normed = workspace_.normed.first_rows(rows);
     backend_.rmsnorm(selected, final_norm_, c.norm_eps, selected_normed);
-    Tensor local_logits = backend_.empty({rows, plan_.vocab}, dtype);
+    Tensor local_logits = grown_rows(backend_, workspace_.local_logits, rows, plan_.vocab,
+                                     backend_.activation_dtype());
     backend_.linear(selected_normed, lm_head_, nullptr, local_logits);
     if (plan_.size == 1) return local_logits;
     return gather_vocabulary(local_logits);
@@ -270,10 +275,13 @@ class LlamaModel final : public Model {
   // Each rank computed logits for its vocabulary slice; every rank gets all of them, in order.
   Tensor gather_vocabulary(const Tensor& local_logits) {
     const int64_t rows = local_logits.dim(0), slice = plan_.vocab;
-    Tensor gathered = backend_.empty({plan_.size, rows, slice}, DType::kFloat32);
+    // [rank][row] slices of the vocabulary, then [row][vocab].
+    Tensor gathered = grown_rows(backend_, workspace_.gathered_logits, plan_.size * rows, slice,
+                                 DType::kFloat32);
     communicator_->allgather(local_logits.data<float>(), local_logits.numel(),
                              gathered.data<float>());
-    Tensor logits = backend_.empty({rows, config_.vocab_size}, DType::kFloat32);
+    Tensor logits = grown_rows(backend_, workspace_.logits, rows, config_.vocab_size,
+                               DType::kFloat32);
     for (int r = 0; r < plan_.size; ++r) {
       for (int64_t row = 0; row < rows; ++row) {
         std::copy_n(gathered.data<float>() + (r * rows + row) * slice, slice,

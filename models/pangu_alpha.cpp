@@ -4,6 +4,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "models/workspace.h"
+
 namespace ftengine::models {
 
 namespace {
@@ -21,6 +23,7 @@ struct PanguBlock {
 struct Workspace {
   int64_t capacity = 0;
   Tensor hidden, normed, positions, qkv, q, attention_out, projected, inner, query, kv;
+  Tensor logits;  // sized by the rows that need logits (see grown_rows)
 };
 
 class PanguAlphaModel final : public Model {
@@ -126,9 +129,10 @@ class PanguAlphaModel final : public Model {
     }
 
     const int64_t rows = static_cast<int64_t>(batch.logits_rows.size());
-    Tensor selected = backend_.empty({rows, width}, backend_.activation_dtype());
+    Tensor selected = projected.first_rows(rows);  // free after the last block
     backend_.gather_rows(hidden, batch.logits_rows, selected);
-    Tensor logits = backend_.empty({rows, c.vocab_size}, backend_.activation_dtype());
+    Tensor logits = grown_rows(backend_, workspace_.logits, rows, c.vocab_size,
+                               backend_.activation_dtype());
     backend_.linear(selected, word_embedding_, nullptr, logits);
     return logits;
   }

@@ -203,15 +203,21 @@ def _check_sizes(config: ModelConfig, source: str) -> None:
             raise ConfigError(f"{source}: {name} must be a positive number, got {value}")
 
 
-def load_config(model_dir: str | Path) -> ModelConfig:
-    """Reads and validates `model_dir/config.json`."""
+def read_config_json(model_dir: str | Path, kind: str = "model") -> dict[str, Any]:
+    """`model_dir/config.json` as a dict; ConfigError names the file when it is missing or not
+    a JSON object. `kind` says what the directory should be, for the message."""
     path = Path(model_dir) / "config.json"
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path} not found: is {model_dir} a model directory?") from None
+        raise ConfigError(f"{path} not found: is {model_dir} a {kind} directory?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as bad:
         raise ConfigError(f"{path} is not valid JSON: {bad}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a JSON object")
-    return config_from_dict(raw, str(path))
+    return raw
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    """Reads and validates `model_dir/config.json`."""
+    return config_from_dict(read_config_json(model_dir), str(Path(model_dir) / "config.json"))

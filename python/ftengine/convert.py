@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .config import read_config_json
 from .errors import (
     ConfigError,
     FtengineError,
@@ -575,13 +576,7 @@ def convert_pangu_alpha(src: str | Path, dst: str | Path, *, force: bool = False
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve():
         raise FtengineError(f"{dst} is the source directory: write the conversion elsewhere")
-    config_path = src / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{config_path} not found: is {src} a PanGu-alpha directory?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as bad:
-        raise ConfigError(f"{config_path} is not valid JSON: {bad}") from None
+    config = read_config_json(src, "PanGu-alpha")
     index = src / "pytorch_model.bin.index.json"
     if index.exists():
         try:
