@@ -1,18 +1,21 @@
 // The Backend interface: every computation a model needs, on one device. Models are written once
 // against it; the CPU backend always exists, the CUDA backend (and an Ascend slot) plug in here.
 //
-// Activations are float32 on the CPU; weights may be float32 or bfloat16. Every op takes whole
-// tensors plus the host-side batch description; strided access lives inside the kernels.
+// Activations are float32 on the CPU, float16 or bfloat16 on the GPU; weights may be float32 or
+// bfloat16 on the CPU. Every op takes whole tensors plus the host-side batch description;
+// strided access lives inside the kernels.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "engine/forward_batch.h"
 #include "engine/kv_cache.h"
 #include "engine/tensor.h"
+#include "kernels/cpu/sampling.h"
 
 namespace ftengine {
 
@@ -20,6 +23,15 @@ struct RotaryArgs {
   const std::vector<float>* inv_freq = nullptr;  // [rotary_dim / 2], scaling applied
   int32_t rotary_dim = 0;
   bool interleaved = false;  // Meta-checkpoint pair rotation instead of HF's rotate_half
+};
+
+// One logits row to sample from: what the generator knows of its sequence.
+struct SamplingRow {
+  const kernels::cpu::SamplingConfig* config = nullptr;
+  const int32_t* history = nullptr;  // prompt and generated ids (repetition penalty)
+  int64_t history_length = 0;
+  uint64_t seed = 0;  // the request's seed; with `step`, a counter-based draw on the device
+  int64_t step = 0;   // tokens generated so far
 };
 
 struct AttentionShape {
@@ -39,12 +51,25 @@ class Backend {
 
   // Memory. from_host converts while copying (float32 or bfloat16 source, either storage type).
   virtual Tensor empty(Shape shape, DType dtype) = 0;
+  // Zero-filled: the KV cache, whose slots past a sequence's end kernels may load (and mask).
+  virtual Tensor zeros(Shape shape, DType dtype) = 0;
   virtual Tensor from_host(const void* data, Shape shape, DType source, DType stored) = 0;
   virtual void to_host_f32(const Tensor& tensor, float* destination) = 0;
   // Stacks same-dtype tensors along their first axis (fusing q/k/v or gate/up at load time).
   virtual Tensor concat_rows(const std::vector<Tensor>& parts) = 0;
   // The dtype activations and the KV cache are kept in on this backend.
   virtual DType activation_dtype() const = 0;
+
+  // Called by the model once per forward step, before any op of the step. A GPU backend
+  // uploads the batch's index arrays here; the ops of the step then read them on the device.
+  virtual void begin_step(const ForwardBatch& /*batch*/) {}
+
+  // Picks the next token of every logits row where the logits live. Returns false when this
+  // backend has no such sampler; the generator then samples on the host.
+  virtual bool sample(const Tensor& /*logits*/, const std::vector<SamplingRow>& /*rows*/,
+                      std::vector<int32_t>& /*tokens*/) {
+    return false;
+  }
 
   // out[t] = table[ids[t] - first_id], or zeros for ids outside the table's rows (a
   // vocabulary-parallel shard starting at first_id).
@@ -53,6 +78,13 @@ class Backend {
   // out = x · weightᵀ (+ bias); weight is [out_features, in_features] as in HF checkpoints.
   virtual void linear(const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& out) = 0;
   virtual void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
+  // x += residual, then out = rmsnorm(x): the pre-norm decoder's residual stream. Backends that
+  // fuse the two passes (one read of x instead of three) override it.
+  virtual void add_rmsnorm(Tensor& x, const Tensor& residual, const Tensor& weight, float eps,
+                           Tensor& out) {
+    add_inplace(x, residual);
+    rmsnorm(x, weight, eps, out);
+  }
   virtual void layernorm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps,
                          Tensor& out) = 0;
   virtual void gelu_inplace(Tensor& x) = 0;
@@ -79,5 +111,9 @@ class Backend {
 
 // The CPU backend; num_threads 0 uses every core.
 std::unique_ptr<Backend> make_cpu_backend(int num_threads);
+
+// The CUDA backend on one GPU, activations and KV cache in `activation` (float16 or bfloat16).
+// Defined only in builds with CUDA (FTENGINE_WITH_CUDA).
+std::unique_ptr<Backend> make_cuda_backend(int device, DType activation);
 
 }  // namespace ftengine

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 
 #include "engine/backend.h"
@@ -44,6 +45,12 @@ class CpuBackend final : public Backend {
 
   Tensor empty(Shape shape, DType dtype) override {
     return Tensor(std::move(shape), dtype, cpu_allocator());
+  }
+
+  Tensor zeros(Shape shape, DType dtype) override {
+    Tensor tensor = empty(std::move(shape), dtype);
+    std::memset(tensor.raw(), 0, tensor.nbytes());
+    return tensor;
   }
 
   Tensor from_host(const void* data, Shape shape, DType source, DType stored) override {

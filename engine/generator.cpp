@@ -121,20 +121,24 @@ std::vector<TokenEvent> Generator::step() {
 
   const ForwardBatch batch = build_batch(scheduled, chunk, /*all_logits=*/false);
   const Tensor logits = model_.forward(batch, cache_);
-  const int64_t vocab = model_.config().vocab_size;
-  host_logits_.resize(static_cast<size_t>(logits.numel()));
-  backend_.to_host_f32(logits, host_logits_.data());
 
-  size_t logits_row = 0;
+  // The sequences whose prompt is now complete get a token, in logits-row order.
+  std::vector<Sequence*> sampled;
+  std::vector<SamplingRow> rows;
   for (size_t s = 0; s < scheduled.size(); ++s) {
     Sequence& sequence = *scheduled[s];
     sequence.cached += chunk[s];
     if (sequence.cached != static_cast<int32_t>(sequence.tokens.size())) continue;
-    float* sequence_logits = host_logits_.data() + logits_row * vocab;
-    ++logits_row;
-    const int32_t token = kernels::cpu::sample_token(
-        sequence_logits, vocab, sequence.options.sampling, sequence.tokens.data(),
-        static_cast<int64_t>(sequence.tokens.size()), sequence.rng, scratch_);
+    sampled.push_back(&sequence);
+    rows.push_back({&sequence.options.sampling, sequence.tokens.data(),
+                    static_cast<int64_t>(sequence.tokens.size()), sequence.options.seed,
+                    sequence.generated()});
+  }
+  if (!backend_.sample(logits, rows, sampled_tokens_)) sample_on_host(logits, sampled);
+
+  for (size_t r = 0; r < sampled.size(); ++r) {
+    Sequence& sequence = *sampled[r];
+    const int32_t token = sampled_tokens_[r];
     sequence.tokens.push_back(token);
     TokenEvent event{sequence.id, token, FinishReason::kNone};
     const auto& stops = sequence.options.stop_token_ids;
@@ -158,6 +162,20 @@ std::vector<TokenEvent> Generator::step() {
     }
   }
   return events;
+}
+
+void Generator::sample_on_host(const Tensor& logits, const std::vector<Sequence*>& sampled) {
+  const int64_t vocab = model_.config().vocab_size;
+  host_logits_.resize(static_cast<size_t>(logits.numel()));
+  backend_.to_host_f32(logits, host_logits_.data());
+  sampled_tokens_.resize(sampled.size());
+  for (size_t r = 0; r < sampled.size(); ++r) {
+    Sequence& sequence = *sampled[r];
+    sampled_tokens_[r] = kernels::cpu::sample_token(
+        host_logits_.data() + r * vocab, vocab, sequence.options.sampling,
+        sequence.tokens.data(), static_cast<int64_t>(sequence.tokens.size()), sequence.rng,
+        scratch_);
+  }
 }
 
 void Generator::finish(Sequence& sequence) { cache_.release(sequence.blocks); }

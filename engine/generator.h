@@ -72,6 +72,8 @@ class Generator {
   ForwardBatch build_batch(const std::vector<Sequence*>& sequences, std::vector<int32_t>& chunk,
                            bool all_logits);
   void finish(Sequence& sequence);
+  // Copies the logits to the host and samples there (backends without a device sampler).
+  void sample_on_host(const Tensor& logits, const std::vector<Sequence*>& sampled);
 
   Model& model_;
   KvCache& cache_;
@@ -82,6 +84,7 @@ class Generator {
   std::vector<std::unique_ptr<Sequence>> running_;
   kernels::cpu::SamplingScratch scratch_;
   std::vector<float> host_logits_;
+  std::vector<int32_t> sampled_tokens_;  // this step's tokens, one per sampled sequence
 };
 
 }  // namespace ftengine

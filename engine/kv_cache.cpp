@@ -15,7 +15,7 @@ KvCache::KvCache(const KvCacheShape& shape, DType dtype, Backend& backend) : sha
                              shape.head_dim};
   layers_.reserve(shape.num_layers);
   for (int32_t i = 0; i < shape.num_layers; ++i) {
-    layers_.push_back({backend.empty(layer_shape, dtype), backend.empty(layer_shape, dtype)});
+    layers_.push_back({backend.zeros(layer_shape, dtype), backend.zeros(layer_shape, dtype)});
   }
   // Hand out low block ids first: pop_back takes from the end.
   free_list_.reserve(shape.num_blocks);

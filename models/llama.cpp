@@ -154,26 +154,30 @@ class LlamaModel final : public Model {
     Tensor gate_up = workspace_.gate_up.first_rows(tokens);
     Tensor activated = workspace_.activated.first_rows(tokens);
 
+    backend_.begin_step(batch);
     backend_.embedding(embed_tokens_, batch.token_ids, plan_.first_token, hidden);
     if (plan_.size > 1) communicator_->allreduce_sum(hidden.data<float>(), hidden.numel());
     for (int i = 0; i < c.num_layers; ++i) {
       const LlamaLayer& layer = layers_[i];
       const LayerKvCache& layer_cache = cache.layer(i);
-      backend_.rmsnorm(hidden, layer.input_norm, c.norm_eps, normed);
+      // The previous layer's MLP output joins the residual stream in the same pass as the norm.
+      if (i == 0) {
+        backend_.rmsnorm(hidden, layer.input_norm, c.norm_eps, normed);
+      } else {
+        backend_.add_rmsnorm(hidden, projected, layer.input_norm, c.norm_eps, normed);
+      }
       backend_.linear(normed, layer.qkv_weight, bias(layer.qkv_bias), qkv);
       backend_.rotary_cache_write(qkv, batch, attention_shape_, rotary_, q, layer_cache);
       backend_.attention(q, batch, attention_shape_, layer_cache, cache.shape().block_size,
                          attention_out, nullptr);
       row_parallel_linear(attention_out.reshaped({tokens, q_width}), layer.o_weight,
                           layer.o_bias, projected);
-      backend_.add_inplace(hidden, projected);
-
-      backend_.rmsnorm(hidden, layer.post_attention_norm, c.norm_eps, normed);
+      backend_.add_rmsnorm(hidden, projected, layer.post_attention_norm, c.norm_eps, normed);
       backend_.linear(normed, layer.gate_up_weight, bias(layer.gate_up_bias), gate_up);
       backend_.silu_mul(gate_up, activated);
       row_parallel_linear(activated, layer.down_weight, layer.down_bias, projected);
-      backend_.add_inplace(hidden, projected);
     }
+    backend_.add_inplace(hidden, projected);
 
     // The head reads only the rows that need logits; the layers' buffers are free by now
     // (logits rows never outnumber the step's tokens).
@@ -182,8 +186,10 @@ class LlamaModel final : public Model {
     backend_.gather_rows(hidden, batch.logits_rows, selected);
     Tensor selected_normed = workspace_.normed.first_rows(rows);
     backend_.rmsnorm(selected, final_norm_, c.norm_eps, selected_normed);
+    // Logits are float32 everywhere: the matrix product writes them so (float32 accumulation),
+    // and sampling compares values too close for half precision.
     Tensor local_logits = grown_rows(backend_, workspace_.local_logits, rows, plan_.vocab,
-                                     backend_.activation_dtype());
+                                     DType::kFloat32);
     backend_.linear(selected_normed, lm_head_, nullptr, local_logits);
     if (plan_.size == 1) return local_logits;
     return gather_vocabulary(local_logits);

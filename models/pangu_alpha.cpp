@@ -92,6 +92,7 @@ class PanguAlphaModel final : public Model {
     Tensor inner = workspace_.inner.first_rows(tokens);
     Tensor query = workspace_.query.first_rows(tokens);
 
+    backend_.begin_step(batch);
     backend_.embedding(word_embedding_, batch.token_ids, 0, hidden);
     backend_.embedding(position_embedding_, batch.positions, 0, positions);
     backend_.add_inplace(hidden, positions);
@@ -131,8 +132,7 @@ class PanguAlphaModel final : public Model {
     const int64_t rows = static_cast<int64_t>(batch.logits_rows.size());
     Tensor selected = projected.first_rows(rows);  // free after the last block
     backend_.gather_rows(hidden, batch.logits_rows, selected);
-    Tensor logits = grown_rows(backend_, workspace_.logits, rows, c.vocab_size,
-                               backend_.activation_dtype());
+    Tensor logits = grown_rows(backend_, workspace_.logits, rows, c.vocab_size, DType::kFloat32);
     backend_.linear(selected, word_embedding_, nullptr, logits);
     return logits;
   }

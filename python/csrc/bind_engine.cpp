@@ -32,7 +32,8 @@ T required(const py::dict& config, const char* key) {
 DType parse_dtype(const std::string& name) {
   if (name == "float32") return DType::kFloat32;
   if (name == "bfloat16") return DType::kBFloat16;
-  throw std::invalid_argument("unsupported dtype '" + name + "' (float32 or bfloat16)");
+  if (name == "float16") return DType::kFloat16;
+  throw std::invalid_argument("unsupported dtype '" + name + "' (float32, bfloat16 or float16)");
 }
 
 RopeType parse_rope_type(const std::string& name) {
@@ -71,12 +72,34 @@ ModelConfig model_config_from_dict(const py::dict& d) {
 }
 
 struct RuntimeOptions {
+  std::string device = "cpu";  // "cpu" or "cuda"
+  int device_index = 0;
   int num_threads = 0;
   int32_t kv_cache_tokens = 0;
   int32_t block_size = 0;
   int32_t allreduce_tile_tokens = 0;  // 0: automatic, -1: one AllReduce per projection
   GeneratorOptions generator;
 };
+
+std::unique_ptr<Backend> make_backend(const RuntimeOptions& options, DType weight_dtype) {
+  if (options.device == "cpu") {
+    if (weight_dtype == DType::kFloat16) {
+      throw std::invalid_argument("the CPU backend stores weights as float32 or bfloat16");
+    }
+    return make_cpu_backend(options.num_threads);
+  }
+  if (options.device == "cuda") {
+#ifdef FTENGINE_WITH_CUDA
+    if (weight_dtype == DType::kFloat32) {
+      throw std::invalid_argument("the CUDA backend runs float16 or bfloat16 models");
+    }
+    return make_cuda_backend(options.device_index, weight_dtype);
+#else
+    throw std::invalid_argument("this build of ftengine has no CUDA backend");
+#endif
+  }
+  throw std::invalid_argument("unknown device '" + options.device + "' (cpu or cuda)");
+}
 
 // Built in two stages so weights stream in one tensor at a time: construct (backend and weight
 // store), add_weight for every tensor, then build (model, KV cache, generator).
@@ -87,7 +110,10 @@ class Runtime {
       : config_(model_config_from_dict(config_dict)),
         options_(options),
         communicator_(communicator ? std::move(communicator) : make_single_rank_communicator()),
-        backend_(make_cpu_backend(options.num_threads)) {
+        backend_(make_backend(options, config_.weight_dtype)) {
+    if (options.device != "cpu" && communicator_->size() > 1) {
+      throw std::invalid_argument("tensor parallelism runs on the CPU backend only for now");
+    }
     if (options.block_size <= 0 || options.kv_cache_tokens <= 0) {
       throw std::invalid_argument("block_size and kv_cache_tokens must be positive");
     }
@@ -210,8 +236,11 @@ void bind_engine(py::module_& m) {
       .def(py::init([](const py::dict& config, int num_threads, int32_t kv_cache_tokens,
                        int32_t block_size, int32_t max_step_tokens, int32_t max_sequences,
                        std::shared_ptr<Communicator> communicator,
-                       int32_t allreduce_tile_tokens) {
+                       int32_t allreduce_tile_tokens, const std::string& device,
+                       int device_index) {
              RuntimeOptions options;
+             options.device = device;
+             options.device_index = device_index;
              options.num_threads = num_threads;
              options.kv_cache_tokens = kv_cache_tokens;
              options.block_size = block_size;
@@ -222,7 +251,8 @@ void bind_engine(py::module_& m) {
            }),
            py::arg("config"), py::arg("num_threads"), py::arg("kv_cache_tokens"),
            py::arg("block_size"), py::arg("max_step_tokens"), py::arg("max_sequences"),
-           py::arg("communicator") = nullptr, py::arg("allreduce_tile_tokens") = 0)
+           py::arg("communicator") = nullptr, py::arg("allreduce_tile_tokens") = 0,
+           py::arg("device") = "cpu", py::arg("device_index") = 0)
       .def("add_weight", &Runtime::add_weight, py::arg("name"), py::arg("array"),
            py::arg("source_dtype"))
       .def("build", &Runtime::build)

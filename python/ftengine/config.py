@@ -75,6 +75,14 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
+    def parameter_count(self) -> int:
+        """Parameters of a Llama-shaped decoder with these sizes (an estimate for PanGu-alpha)."""
+        h, q = self.hidden_size, self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.num_layers * layer + self.vocab_size * h + head + h
+
     def native_dict(self, weight_dtype: str) -> dict[str, Any]:
         """The flat dict the native Runtime takes."""
         fields = dataclasses.asdict(self)

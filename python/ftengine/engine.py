@@ -30,8 +30,8 @@ _FINISH_REASONS = {
     _C.FinishReason.stop_token: "stop",
     _C.FinishReason.length: "length",
 }
-_DEVICES = ("cpu",)
-_WEIGHT_DTYPES = ("float32", "bfloat16")
+_DEVICES = ("cpu", "cuda") if _C.has_cuda else ("cpu",)
+_WEIGHT_DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("bfloat16", "float16")}
 
 
 @dataclass
@@ -58,11 +58,19 @@ class StreamEvent:
 Prompt = str | Sequence[int]
 
 
-def _default_kv_cache_tokens(config: ModelConfig, batch: int) -> int:
-    # Room for `batch` full contexts, capped at a quarter of physical memory.
+def _default_kv_cache_tokens(config: ModelConfig, batch: int, device: str = "cpu",
+                             device_index: int = 0) -> int:
+    # Room for `batch` full contexts, capped at a quarter of physical memory on the CPU
+    # (float32 KV), at half of what is free on the GPU before loading (16-bit KV; the weights
+    # and activations take the rest).
+    wanted = config.max_position_embeddings * batch
+    if device == "cuda":
+        per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2
+        free, _ = _C.cuda_memory_info(device_index)
+        weights = 2 * config.parameter_count()
+        return max(256, min(wanted, max(free - weights, 0) // 2 // per_token))
     per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    wanted = config.max_position_embeddings * batch
     return max(256, min(wanted, memory // 4 // per_token))
 
 
@@ -105,23 +113,24 @@ class Engine:
         files), a llama.cpp GGUF file (quantised weights are dequantised at load), or a known
         model name (see ftengine.checkpoint.KNOWN_MODELS).
 
-        dtype stores the weight matrices as "float32" or "bfloat16" (default: bfloat16 when the
-        checkpoint is bfloat16, else float32; GGUF files default to float32); arithmetic is
-        float32 either way. num_threads defaults to every core. kv_cache_tokens sizes the paged
-        KV cache shared by all requests; max_batch_tokens caps the tokens of one forward step
-        (longer prompts are prefilled in chunks) and max_num_seqs the requests decoded together.
+        device is "cpu", "cuda" or "cuda:N" (builds with the CUDA backend). On the CPU, dtype
+        stores the weight matrices as "float32" or "bfloat16" (default: bfloat16 when the
+        checkpoint is bfloat16, else float32; GGUF files default to float32) and arithmetic is
+        float32 either way; on the GPU, weights, activations and the KV cache are "bfloat16"
+        (default) or "float16", with float32 accumulation. num_threads defaults to every core.
+        kv_cache_tokens sizes the paged KV cache shared by all requests; max_batch_tokens caps
+        the tokens of one forward step (longer prompts are prefilled in chunks) and max_num_seqs
+        the requests decoded together.
 
         tp > 1 splits the model over that many MPI ranks (run under `mpirun -np tp`; every rank
         makes the same calls). allreduce_tile_tokens sets the token tile of the overlapped
         AllReduce after row-parallel projections: 0 chooses, -1 turns tiling off.
         """
-        if device not in _DEVICES:
+        device_kind, device_index = _parse_device(device)
+        if dtype is not None and dtype not in _WEIGHT_DTYPES[device_kind]:
             raise FtengineError(
-                f"device {device!r} is not available in this build (available: "
-                f"{', '.join(_DEVICES)})"
-            )
-        if dtype is not None and dtype not in _WEIGHT_DTYPES:
-            raise FtengineError(f"dtype must be one of {_WEIGHT_DTYPES}, got {dtype!r}")
+                f"dtype on {device_kind} must be one of {_WEIGHT_DTYPES[device_kind]}, "
+                f"got {dtype!r}")
         for name, value in (("max_batch_tokens", max_batch_tokens),
                             ("max_num_seqs", max_num_seqs), ("block_size", block_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -152,7 +161,8 @@ class Engine:
 
         def open_and_check():
             checkpoint = open_checkpoint(path)
-            native_config = checkpoint.config.native_dict(dtype or checkpoint.default_dtype)
+            native_config = checkpoint.config.native_dict(
+                dtype or _default_dtype(device_kind, checkpoint.default_dtype))
             try:
                 specs = _C.expected_weights(native_config, rank, tp)
             except ValueError as bad:
@@ -172,7 +182,8 @@ class Engine:
                               (kv_cache_tokens, max_batch_tokens, max_num_seqs, block_size,
                                allreduce_tile_tokens))
         if kv_cache_tokens is None:
-            kv_cache_tokens = _default_kv_cache_tokens(config, max_num_seqs)
+            kv_cache_tokens = _default_kv_cache_tokens(config, max_num_seqs, device_kind,
+                                                       device_index)
 
         def load():
             runtime = _C.Runtime(
@@ -184,6 +195,8 @@ class Engine:
                 max_sequences=max_num_seqs,
                 communicator=communicator,
                 allreduce_tile_tokens=allreduce_tile_tokens,
+                device=device_kind,
+                device_index=device_index,
             )
             stream_weights(needed, runtime.add_weight, progress and rank == 0,
                            f"loading {Path(checkpoint.name).name}")
@@ -397,3 +410,22 @@ class _StopStrings:
             if any(stop.startswith(suffix) for stop in self._stops):
                 return length
         return 0
+
+
+def _parse_device(device: str) -> tuple[str, int]:
+    """("cpu", 0) or ("cuda", index) from "cpu", "cuda" or "cuda:N"."""
+    kind, _, index = str(device).partition(":")
+    if kind not in _DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        available = ", ".join(_DEVICES)
+        hint = "" if _C.has_cuda else " (this build has no CUDA backend: install on a machine "\
+            "with nvcc and cuBLAS)"
+        raise FtengineError(f"device {device!r} is not available; use one of: {available}{hint}")
+    return kind, int(index or 0)
+
+
+def _default_dtype(device_kind: str, checkpoint_dtype: str) -> str:
+    """Weight storage when the caller names none: the checkpoint's own where the device runs it;
+    on the GPU, float32 checkpoints run in bfloat16 (the tensor cores' type, float32's range)."""
+    if checkpoint_dtype in _WEIGHT_DTYPES[device_kind]:
+        return checkpoint_dtype
+    return "bfloat16"

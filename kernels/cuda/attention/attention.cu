@@ -1,0 +1,127 @@
+// Dispatch of the FastAttention CUDA family: the only code that knows every member.
+#include "kernels/cuda/attention/attention.h"
+
+#include <stdexcept>
+#include <string>
+
+#include "kernels/cuda/attention/decode_split_kv.h"
+#include "kernels/cuda/attention/prefill_sm80.h"
+
+namespace ftengine::kernels::cuda {
+namespace {
+
+// Streaming multiprocessors of the current device: the split-KV decode sizes its grid by them.
+int current_sm_count() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    throw std::runtime_error("cannot read the device's multiprocessor count");
+  }
+  return count;
+}
+
+std::string common_reason(const AttentionParams& p) {
+  if (!p.q || !p.out || !p.k_cache || !p.v_cache) return "q, out, k_cache and v_cache are needed";
+  if (p.batch < 0) return "batch must not be negative";
+  if (p.batch > 0 && (!p.block_table || !p.cu_seqlens_q || !p.seqlens_kv)) {
+    return "block_table, cu_seqlens_q and seqlens_kv are needed";
+  }
+  if (p.num_kv_heads <= 0 || p.num_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {
+    return "num_heads (" + std::to_string(p.num_heads) + ") must be a positive multiple of " +
+           "num_kv_heads (" + std::to_string(p.num_kv_heads) + ")";
+  }
+  if (p.block_size <= 0) return "block_size must be positive";
+  if (p.max_seqlen_q < 0 || p.max_seqlen_kv < 0) return "max_seqlen_q/kv must not be negative";
+  return "";
+}
+
+}  // namespace
+
+const char* attention_kernel_name(AttentionKernel kernel) {
+  switch (kernel) {
+    case AttentionKernel::kAuto:
+      return "auto";
+    case AttentionKernel::kPrefillSm80:
+      return "prefill_sm80";
+    case AttentionKernel::kDecodeSplitKv:
+      return "decode_split_kv";
+  }
+  return "unknown";
+}
+
+AttentionKernel choose_attention_kernel(const AttentionParams& params, int compute_capability) {
+  // One query per sequence reads each K/V byte once per query group: a bandwidth problem the
+  // split-KV kernel solves; anything longer is a matrix problem for the prefill member.
+  if (params.max_seqlen_q <= 1 &&
+      decode_split_kv_unsupported_reason(params).empty()) {
+    return AttentionKernel::kDecodeSplitKv;
+  }
+  (void)compute_capability;
+  return AttentionKernel::kPrefillSm80;
+}
+
+std::string attention_unsupported_reason(const AttentionParams& params, AttentionKernel kernel,
+                                         int compute_capability) {
+  const std::string common = common_reason(params);
+  if (!common.empty()) return common;
+  if (kernel == AttentionKernel::kAuto) kernel = choose_attention_kernel(params, compute_capability);
+  switch (kernel) {
+    case AttentionKernel::kPrefillSm80:
+      if (compute_capability < 80) {
+        return "prefill_sm80 needs compute capability 8.0 or newer (this device: " +
+               std::to_string(compute_capability) + ")";
+      }
+      return prefill_sm80_unsupported_reason(params);
+    case AttentionKernel::kDecodeSplitKv:
+      return decode_split_kv_unsupported_reason(params);
+    case AttentionKernel::kAuto:
+      break;
+  }
+  return "unknown attention kernel";
+}
+
+size_t attention_workspace_bytes(const AttentionParams& params, AttentionKernel kernel,
+                                 int compute_capability) {
+  if (kernel == AttentionKernel::kAuto) kernel = choose_attention_kernel(params, compute_capability);
+  if (kernel == AttentionKernel::kDecodeSplitKv) {
+    return decode_split_kv_workspace_bytes(params, current_sm_count());
+  }
+  return 0;
+}
+
+void run_attention(const AttentionParams& params, AttentionKernel kernel, void* workspace,
+                   size_t workspace_bytes, cudaStream_t stream) {
+  int device = 0, major = 0, minor = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  const int capability = major * 10 + minor;
+  if (kernel == AttentionKernel::kAuto) kernel = choose_attention_kernel(params, capability);
+  const std::string reason = attention_unsupported_reason(params, kernel, capability);
+  if (!reason.empty()) {
+    throw std::invalid_argument(std::string(attention_kernel_name(kernel)) + ": " + reason);
+  }
+  if (params.batch == 0 || params.max_seqlen_q == 0) return;
+  switch (kernel) {
+    case AttentionKernel::kPrefillSm80:
+      run_prefill_sm80(params, stream);
+      break;
+    case AttentionKernel::kDecodeSplitKv: {
+      const int sms = current_sm_count();
+      if (workspace_bytes < decode_split_kv_workspace_bytes(params, sms)) {
+        throw std::invalid_argument("decode_split_kv: workspace too small");
+      }
+      run_decode_split_kv(params, sms, workspace, stream);
+      break;
+    }
+    case AttentionKernel::kAuto:
+      break;
+  }
+  const cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess) {
+    throw std::runtime_error(std::string(attention_kernel_name(kernel)) +
+                             " launch failed: " + cudaGetErrorString(error));
+  }
+}
+
+}  // namespace ftengine::kernels::cuda

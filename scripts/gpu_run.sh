@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU machine's whole job in one call: build ftengine with the CUDA backend (cmake + ninja),
+# run the CUDA tests (pytest -m cuda), run the GPU benchmarks, and leave JSON, PNG and logs
+# under $OUT (default: ./gpu_out).
+#
+# The GPU machine has nvcc, torch and transformers but no network: the wheels it lacks travel in
+# .whl/ (nvidia-cutlass for the CuTe headers, scipy-openblas32 for the CPU backend, gguf), see
+# docs/GPU.md. Stages are chosen with GPU_STAGES (default "build test bench"); extra pytest
+# arguments with GPU_PYTEST_ARGS; benchmark size with GPU_BENCH (quick|full, default full).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+STAGES="${GPU_STAGES:-build test bench}"
+PYTHON="${PYTHON:-python3}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1
+status=0
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/ftengine_site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/ftengine_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/python:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ " $STAGES " == *" build "* ]]; then
+  echo "== build"
+  start=$(date +%s)
+  cmake -S . -B build/gpu -G Ninja -DFTENGINE_CUDA=ON \
+    -DPython_EXECUTABLE="$(command -v "$PYTHON")" \
+    -Dpybind11_DIR="$("$PYTHON" -m pybind11 --cmakedir)" >"$OUT/build.log" 2>&1 &&
+    ninja -C build/gpu >>"$OUT/build.log" 2>&1
+  rc=$?
+  tail -n 30 "$OUT/build.log"
+  if [[ $rc -ne 0 ]]; then
+    echo "BUILD FAILED"; exit 1
+  fi
+  for module in build/gpu/_C*.so build/gpu/_mpi*.so; do
+    [[ -e "$module" ]] && ln -sf "../../$module" python/ftengine/
+  done
+  echo "build took $(( $(date +%s) - start )) s"
+fi
+
+if [[ " $STAGES " == *" test "* ]]; then
+  echo "== pytest -m cuda"
+  # shellcheck disable=SC2086
+  "$PYTHON" -m pytest -m cuda tests -q -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" \
+    ${GPU_PYTEST_ARGS:-} 2>&1 | tee "$OUT/cuda_tests.log" | tail -n 40
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+fi
+
+if [[ " $STAGES " == *" bench "* ]]; then
+  echo "== benchmarks"
+  for bench in scripts/bench_gpu_attention.py scripts/bench_gpu_e2e.py; do
+    [[ -e "$bench" ]] || continue
+    "$PYTHON" "$bench" --size "${GPU_BENCH:-full}" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" |
+      tail -n 40
+    [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+  done
+fi
+exit $status
