@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -64,6 +65,13 @@ class Backend {
   // uploads the batch's index arrays here; the ops of the step then read them on the device.
   virtual void begin_step(const ForwardBatch& /*batch*/) {}
 
+  // Runs one forward step of the generator. A backend that can record a step's device work
+  // (CUDA graphs) replays the recording for later steps of the same shape instead of launching
+  // every kernel again.
+  virtual Tensor run_step(const ForwardBatch& /*batch*/, const std::function<Tensor()>& forward) {
+    return forward();
+  }
+
   // Picks the next token of every logits row where the logits live. Returns false when this
   // backend has no such sampler; the generator then samples on the host.
   virtual bool sample(const Tensor& /*logits*/, const std::vector<SamplingRow>& /*rows*/,
@@ -112,8 +120,9 @@ class Backend {
 // The CPU backend; num_threads 0 uses every core.
 std::unique_ptr<Backend> make_cpu_backend(int num_threads);
 
-// The CUDA backend on one GPU, activations and KV cache in `activation` (float16 or bfloat16).
+// The CUDA backend on one GPU, activations and KV cache in `activation` (float16 or bfloat16);
+// decode steps are captured as CUDA graphs and replayed unless `cuda_graphs` is false.
 // Defined only in builds with CUDA (FTENGINE_WITH_CUDA).
-std::unique_ptr<Backend> make_cuda_backend(int device, DType activation);
+std::unique_ptr<Backend> make_cuda_backend(int device, DType activation, bool cuda_graphs);
 
 }  // namespace ftengine

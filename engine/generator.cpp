@@ -120,7 +120,7 @@ std::vector<TokenEvent> Generator::step() {
   }
 
   const ForwardBatch batch = build_batch(scheduled, chunk, /*all_logits=*/false);
-  const Tensor logits = model_.forward(batch, cache_);
+  const Tensor logits = backend_.run_step(batch, [&] { return model_.forward(batch, cache_); });
 
   // The sequences whose prompt is now complete get a token, in logits-row order.
   std::vector<Sequence*> sampled;

@@ -138,6 +138,28 @@ def test_greedy_batch_matches_transformers(cuda_model, variant, dtype):
                 break
 
 
+@pytest.mark.parametrize("variant", ["gqa_hd64", "mha_hd128"])
+def test_cuda_graph_replay_matches_eager(cuda_model, variant):
+    """Decode steps replayed from recorded graphs give the tokens of launching every kernel,
+    across block boundaries (new recordings) and for a batch."""
+    directory, _ = cuda_model(variant, "bfloat16")
+    eager = Engine.from_pretrained(directory, device="cuda", progress=False,
+                                   kv_cache_tokens=8192, cuda_graphs=False, block_size=64)
+    graphed = Engine.from_pretrained(directory, device="cuda", progress=False,
+                                     kv_cache_tokens=8192, cuda_graphs=True, block_size=64)
+    prompts = [PROMPT[:3], PROMPT[:61], PROMPT]
+    lengths = [150, 90, 40]  # 3 + 150 tokens cross two 64-slot block boundaries
+    for prompt, n in zip(prompts, lengths, strict=True):
+        params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+        assert graphed.generate([prompt], params)[0].token_ids == \
+            eager.generate([prompt], params)[0].token_ids
+    params = SamplingParams(max_new_tokens=100, ignore_eos=True)
+    together = graphed.generate(prompts, params)
+    expected = eager.generate(prompts, params)
+    for a, b in zip(together, expected, strict=True):
+        assert a.token_ids == b.token_ids
+
+
 def test_sampling_is_reproducible_and_valid(cuda_model):
     directory, _ = cuda_model("gqa_hd64", "bfloat16")
     engine = Engine.from_pretrained(directory, device="cuda", progress=False,

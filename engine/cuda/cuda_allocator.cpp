@@ -63,6 +63,7 @@ void CachingDeviceAllocator::deallocate(void* pointer, size_t bytes) {
   const size_t size = rounded(bytes);
   free_blocks_[size].push_back(pointer);
   cached_bytes_ += size;
+  ++free_count_;
 }
 
 void CachingDeviceAllocator::release_cached() {
@@ -79,6 +80,15 @@ void CachingDeviceAllocator::release_cached() {
 size_t CachingDeviceAllocator::cached_bytes() const {
   std::lock_guard<std::mutex> guard(mutex_);
   return cached_bytes_;
+}
+
+}  // namespace ftengine::cuda
+
+namespace ftengine::cuda {
+
+uint64_t CachingDeviceAllocator::free_count() const {
+  std::lock_guard<std::mutex> guard(mutex_);
+  return free_count_;
 }
 
 }  // namespace ftengine::cuda

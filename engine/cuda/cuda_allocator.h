@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -23,6 +24,9 @@ class CachingDeviceAllocator final : public Allocator {
   // Returns every cached block to the driver.
   void release_cached();
   size_t cached_bytes() const;
+  // How many blocks were ever freed: a recorded CUDA graph holds raw addresses, which stay its
+  // own only while no block was freed (and possibly handed to someone else) since recording.
+  uint64_t free_count() const;
 
  private:
   static size_t rounded(size_t bytes);
@@ -30,6 +34,7 @@ class CachingDeviceAllocator final : public Allocator {
   mutable std::mutex mutex_;
   std::map<size_t, std::vector<void*>> free_blocks_;  // by rounded size
   size_t cached_bytes_ = 0;
+  uint64_t free_count_ = 0;
 };
 
 }  // namespace ftengine::cuda

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -17,6 +19,7 @@
 #include "engine/cuda/cuda_check.h"
 #include "kernels/cuda/attention/attention.h"
 #include "kernels/cuda/elementwise.h"
+#include "kernels/cuda/sampling.h"
 
 namespace ftengine {
 namespace {
@@ -53,14 +56,15 @@ struct DeviceBatch {
   int32_t* seqlens_kv = nullptr;
   int32_t* block_table = nullptr;
   int32_t* logits_rows = nullptr;
+  int32_t block_table_stride = 0;
   int32_t max_seqlen_q = 0;
   int32_t max_seqlen_kv = 0;
 };
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, DType activation)
-      : device_(device), activation_(activation), allocator_(device) {
+  CudaBackend(int device, DType activation, bool cuda_graphs)
+      : device_(device), activation_(activation), allocator_(device), cuda_graphs_(cuda_graphs) {
     require(activation == DType::kBFloat16 || activation == DType::kFloat16,
             "activations must be float16 or bfloat16, got " + dtype_name(activation));
     int count = 0;
@@ -74,6 +78,7 @@ class CudaBackend final : public Backend {
     device_name_ = properties.name;
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     upload_done_ = make_event();
+    sampled_ = make_event();
     // 32 MiB: cuBLASLt's Hopper kernels want a large workspace for split-K and stream-K.
     gemm_workspace_ = byte_buffer(size_t{32} << 20);
     gemm_ = std::make_unique<cuda::CublasLtGemm>(gemm_workspace_.raw(), gemm_workspace_.nbytes());
@@ -81,8 +86,11 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     if (stream_) cudaStreamSynchronize(stream_);
+    graphs_.clear();
     gemm_.reset();
     if (pinned_) cudaFreeHost(pinned_);
+    if (sampling_pinned_) cudaFreeHost(sampling_pinned_);
+    if (sampled_ids_pinned_) cudaFreeHost(sampled_ids_pinned_);
     if (stream_) cudaStreamDestroy(stream_);
   }
 
@@ -163,49 +171,119 @@ class CudaBackend final : public Backend {
   }
 
   void begin_step(const ForwardBatch& batch) override {
-    const ForwardBatch& b = batch;
-    const size_t count = b.token_ids.size() + b.positions.size() + b.slot_mapping.size() +
-                         b.cu_seqlens_q.size() + b.seqlens_kv.size() + b.block_table.size() +
-                         b.logits_rows.size();
-    const size_t bytes = std::max<size_t>(count, 1) * sizeof(int32_t);
-    if (bytes > index_capacity_bytes_) {
-      synchronize();  // the old pinned buffer may still be in flight
-      if (pinned_) cudaFreeHost(pinned_);
-      pinned_ = nullptr;
-      index_capacity_bytes_ = std::max(bytes, 2 * index_capacity_bytes_);
-      check_cuda(cudaMallocHost(&pinned_, index_capacity_bytes_), "cudaMallocHost");
-      indices_ = empty({static_cast<int64_t>(index_capacity_bytes_ / sizeof(int32_t))},
-                       DType::kInt32);
-    } else {
-      // The previous step's copy out of the pinned buffer must be done before it is rewritten.
-      check_cuda(cudaEventSynchronize(upload_done_.get()), "cudaEventSynchronize");
-    }
-    int32_t* host = static_cast<int32_t*>(pinned_);
-    int32_t* device = indices_.data<int32_t>();
-    size_t offset = 0;
-    auto place = [&](const std::vector<int32_t>& values) {
-      std::memcpy(host + offset, values.data(), values.size() * sizeof(int32_t));
-      int32_t* where = device + offset;
-      offset += values.size();
-      return where;
-    };
-    batch_ = DeviceBatch{};
-    batch_.host = &batch;
-    batch_.token_ids = place(b.token_ids);
-    batch_.positions = place(b.positions);
-    batch_.slot_mapping = place(b.slot_mapping);
-    batch_.cu_seqlens_q = place(b.cu_seqlens_q);
-    batch_.seqlens_kv = place(b.seqlens_kv);
-    batch_.block_table = place(b.block_table);
-    batch_.logits_rows = place(b.logits_rows);
-    for (int32_t s = 0; s < b.num_sequences(); ++s) {
-      batch_.max_seqlen_q = std::max(batch_.max_seqlen_q, b.cu_seqlens_q[s + 1] - b.cu_seqlens_q[s]);
-      batch_.max_seqlen_kv = std::max(batch_.max_seqlen_kv, b.seqlens_kv[s]);
-    }
-    check_cuda(cudaMemcpyAsync(device, host, offset * sizeof(int32_t), cudaMemcpyHostToDevice,
+    stage_indices(batch);
+    check_cuda(cudaMemcpyAsync(indices_.raw(), pinned_, staged_bytes_, cudaMemcpyHostToDevice,
                                stream_),
                "cudaMemcpyAsync(batch)");
-    check_cuda(cudaEventRecord(upload_done_.get(), stream_), "cudaEventRecord");
+    if (!capturing_) {
+      check_cuda(cudaEventRecord(upload_done_.get(), stream_), "cudaEventRecord");
+    }
+  }
+
+  // Decode steps (one token per sequence) of up to kMaxGraphTokens sequences run as CUDA graphs:
+  // the first step of a shape runs eagerly (sizing every buffer and cuBLASLt plan), then is
+  // recorded; later steps of that shape write their indices into the pinned buffer the
+  // recording uploads from and replay it. A shape is (sequences, block-table width rounded up
+  // to a power of two), so a long generation records a handful of graphs.
+  Tensor run_step(const ForwardBatch& batch, const std::function<Tensor()>& forward) override {
+    const int64_t n = batch.num_tokens();
+    graph_layout_ = cuda_graphs_ && n > 0 && n <= kMaxGraphTokens &&
+                    n == batch.num_sequences() &&
+                    static_cast<int64_t>(batch.logits_rows.size()) == n;
+    if (!graph_layout_) return forward();
+    if (allocator_.free_count() != graphs_free_count_ || graphs_.size() >= kMaxGraphs) {
+      graphs_.clear();  // a recorded address may have been freed and reused since
+    }
+    const GraphKey key{n, padded_stride(batch)};
+    auto found = graphs_.find(key);
+    if (found != graphs_.end()) {
+      stage_indices(batch);
+      check_cuda(cudaGraphLaunch(found->second.exec.get(), stream_), "cudaGraphLaunch");
+      check_cuda(cudaEventRecord(upload_done_.get(), stream_), "cudaEventRecord");
+      return found->second.logits;
+    }
+    Tensor logits = forward();
+    RecordedStep recorded;
+    recorded.exec = record([&] { recorded.logits = forward(); });
+    if (recorded.logits.raw() != logits.raw()) {
+      throw std::logic_error("CUDA backend: a recorded step returned another logits buffer");
+    }
+    graphs_free_count_ = allocator_.free_count();
+    graphs_.emplace(key, std::move(recorded));
+    return logits;
+  }
+
+  bool sample(const Tensor& logits, const std::vector<SamplingRow>& rows,
+              std::vector<int32_t>& tokens) override {
+    const int32_t n = static_cast<int32_t>(rows.size());
+    tokens.resize(rows.size());
+    if (n == 0) return true;
+    const int32_t vocab = static_cast<int32_t>(logits.dim(1));
+    require(logits.dtype() == DType::kFloat32, "logits must be float32");
+    // Per-row settings in one pinned block, uploaded with one copy: floats, ints, seeds, steps,
+    // history offsets, then the histories when some row has a repetition penalty.
+    bool penalised = false;
+    int64_t history_total = 0;
+    for (const SamplingRow& row : rows) {
+      penalised |= row.config->repetition_penalty != 1.f;
+      history_total += row.history_length;
+    }
+    if (!penalised) history_total = 0;
+    const size_t words = 4 * static_cast<size_t>(n) + 4 * static_cast<size_t>(n) +
+                         static_cast<size_t>(n) + 1 + static_cast<size_t>(history_total);
+    ensure_sampling_capacity(words * sizeof(int32_t), n, vocab);
+    check_cuda(cudaEventSynchronize(sampled_.get()), "cudaEventSynchronize");
+    auto* host = static_cast<int32_t*>(sampling_pinned_);
+    auto* floats = reinterpret_cast<float*>(host);
+    float* temperature = floats;
+    float* top_p = floats + n;
+    float* penalty = floats + 2 * n;
+    int32_t* top_k = host + 3 * n;
+    auto* seeds = reinterpret_cast<uint64_t*>(host + 4 * n);
+    auto* steps = reinterpret_cast<int64_t*>(host + 6 * n);
+    int32_t* offsets = host + 8 * n;
+    int32_t* history = offsets + n + 1;
+    offsets[0] = 0;
+    for (int32_t r = 0; r < n; ++r) {
+      const SamplingRow& row = rows[r];
+      temperature[r] = row.config->temperature;
+      top_p[r] = row.config->top_p;
+      penalty[r] = row.config->repetition_penalty;
+      top_k[r] = row.config->top_k;
+      seeds[r] = row.seed;
+      steps[r] = row.step;
+      const int64_t length = penalised ? row.history_length : 0;
+      std::memcpy(history + offsets[r], row.history, length * sizeof(int32_t));
+      offsets[r + 1] = offsets[r] + static_cast<int32_t>(length);
+    }
+    auto* device = sampling_inputs_.data<int32_t>();
+    check_cuda(cudaMemcpyAsync(device, host, words * sizeof(int32_t), cudaMemcpyHostToDevice,
+                               stream_),
+               "cudaMemcpyAsync(sampling)");
+    kc::SamplingParams p;
+    p.logits = logits.data<float>();
+    p.logits_row_stride = vocab;
+    p.rows = n;
+    p.vocab = vocab;
+    p.temperature = reinterpret_cast<const float*>(device);
+    p.top_p = reinterpret_cast<const float*>(device + n);
+    p.repetition_penalty = reinterpret_cast<const float*>(device + 2 * n);
+    p.top_k = device + 3 * n;
+    p.seeds = reinterpret_cast<const uint64_t*>(device + 4 * n);
+    p.steps = reinterpret_cast<int64_t*>(device + 6 * n);
+    if (penalised) {
+      p.history_offsets = device + 8 * n;
+      p.history = device + 9 * n + 1;
+    }
+    p.out_ids = sampled_ids_.data<int32_t>();
+    kc::run_sampling(p, sampling_workspace_.raw(), sampling_workspace_.nbytes(), stream_);
+    check_cuda(cudaMemcpyAsync(sampled_ids_pinned_, p.out_ids, n * sizeof(int32_t),
+                               cudaMemcpyDeviceToHost, stream_),
+               "cudaMemcpyAsync(tokens)");
+    check_cuda(cudaEventRecord(sampled_.get(), stream_), "cudaEventRecord");
+    check_cuda(cudaEventSynchronize(sampled_.get()), "cudaEventSynchronize");
+    std::memcpy(tokens.data(), sampled_ids_pinned_, n * sizeof(int32_t));
+    return true;
   }
 
   void embedding(const Tensor& table, const std::vector<int32_t>& ids, int64_t first_id,
@@ -319,12 +397,13 @@ class CudaBackend final : public Backend {
     p.kv_block_stride = block_size * p.kv_token_stride;
     p.block_size = block_size;
     p.block_table = batch_.block_table;
-    p.block_table_stride = batch.block_table_stride;
+    p.block_table_stride = batch_.block_table_stride;
     p.cu_seqlens_q = batch_.cu_seqlens_q;
     p.seqlens_kv = batch_.seqlens_kv;
     p.batch = batch.num_sequences();
     p.max_seqlen_q = batch_.max_seqlen_q;
-    p.max_seqlen_kv = batch_.max_seqlen_kv;
+    // A recorded step keeps its grid: it plans for the whole width of its block table.
+    p.max_seqlen_kv = graph_layout_ ? batch_.block_table_stride * block_size : batch_.max_seqlen_kv;
     p.num_heads = shape.num_heads;
     p.num_kv_heads = shape.num_kv_heads;
     p.head_dim = shape.head_dim;
@@ -352,6 +431,123 @@ class CudaBackend final : public Backend {
   }
 
   void synchronize() { check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
+
+  struct GraphExecDeleter {
+    void operator()(cudaGraphExec_t exec) const { cudaGraphExecDestroy(exec); }
+  };
+  using GraphExec = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, GraphExecDeleter>;
+  struct RecordedStep {
+    GraphExec exec;
+    Tensor logits;  // where the replay leaves its logits
+  };
+  using GraphKey = std::pair<int64_t, int32_t>;  // (sequences, block-table stride)
+  static constexpr int64_t kMaxGraphTokens = 128;
+  static constexpr size_t kMaxGraphs = 64;
+
+  // Records the device work `body` launches on the stream (nothing runs) as an executable graph.
+  GraphExec record(const std::function<void()>& body) {
+    // Relaxed: host-side bookkeeping (the caching allocator) may run while recording.
+    check_cuda(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed),
+               "cudaStreamBeginCapture");
+    capturing_ = true;
+    cudaGraph_t graph = nullptr;
+    try {
+      body();
+    } catch (...) {
+      capturing_ = false;
+      cudaStreamEndCapture(stream_, &graph);
+      if (graph) cudaGraphDestroy(graph);
+      throw;
+    }
+    capturing_ = false;
+    check_cuda(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t status = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    check_cuda(status, "cudaGraphInstantiate");
+    return GraphExec(exec);
+  }
+
+  // The block-table width a recorded step is planned for: the batch's, rounded up to a power
+  // of two so a generation crossing block boundaries reuses recordings.
+  int32_t padded_stride(const ForwardBatch& batch) const {
+    int32_t stride = 1;
+    while (stride < batch.block_table_stride) stride *= 2;
+    return stride;
+  }
+
+  // Writes the batch's index arrays into the pinned staging buffer and points batch_ at their
+  // device places; the upload itself is begin_step's, or a replayed graph's.
+  void stage_indices(const ForwardBatch& b) {
+    const int32_t n = b.num_sequences();
+    const int32_t stride = graph_layout_ ? padded_stride(b) : b.block_table_stride;
+    const size_t count = b.token_ids.size() + b.positions.size() + b.slot_mapping.size() +
+                         b.cu_seqlens_q.size() + b.seqlens_kv.size() +
+                         static_cast<size_t>(n) * stride + b.logits_rows.size();
+    const size_t bytes = std::max<size_t>(count, 1) * sizeof(int32_t);
+    if (bytes > index_capacity_bytes_) {
+      if (capturing_) throw std::logic_error("CUDA backend: index buffer grew while recording");
+      synchronize();  // the old buffers may still be in flight
+      if (pinned_) cudaFreeHost(pinned_);
+      pinned_ = nullptr;
+      index_capacity_bytes_ = std::max(bytes, 2 * index_capacity_bytes_);
+      check_cuda(cudaMallocHost(&pinned_, index_capacity_bytes_), "cudaMallocHost");
+      indices_ = byte_buffer(index_capacity_bytes_);
+      graphs_.clear();  // recorded uploads point at the old buffers
+    } else if (!capturing_) {
+      // The previous upload out of the pinned buffer must be done before it is rewritten.
+      check_cuda(cudaEventSynchronize(upload_done_.get()), "cudaEventSynchronize");
+    }
+    int32_t* host = static_cast<int32_t*>(pinned_);
+    int32_t* device = indices_.data<int32_t>();
+    size_t offset = 0;
+    auto place = [&](const std::vector<int32_t>& values) {
+      std::memcpy(host + offset, values.data(), values.size() * sizeof(int32_t));
+      int32_t* where = device + offset;
+      offset += values.size();
+      return where;
+    };
+    batch_ = DeviceBatch{};
+    batch_.host = &b;
+    batch_.token_ids = place(b.token_ids);
+    batch_.positions = place(b.positions);
+    batch_.slot_mapping = place(b.slot_mapping);
+    batch_.cu_seqlens_q = place(b.cu_seqlens_q);
+    batch_.seqlens_kv = place(b.seqlens_kv);
+    batch_.block_table = device + offset;
+    batch_.block_table_stride = stride;
+    for (int32_t s = 0; s < n; ++s) {
+      const int32_t* row = b.block_table.data() + static_cast<size_t>(s) * b.block_table_stride;
+      std::memcpy(host + offset, row, b.block_table_stride * sizeof(int32_t));
+      std::fill(host + offset + b.block_table_stride, host + offset + stride, 0);
+      offset += stride;
+    }
+    batch_.logits_rows = place(b.logits_rows);
+    for (int32_t s = 0; s < n; ++s) {
+      batch_.max_seqlen_q = std::max(batch_.max_seqlen_q, b.cu_seqlens_q[s + 1] - b.cu_seqlens_q[s]);
+      batch_.max_seqlen_kv = std::max(batch_.max_seqlen_kv, b.seqlens_kv[s]);
+    }
+    staged_bytes_ = offset * sizeof(int32_t);
+  }
+
+  void ensure_sampling_capacity(size_t input_bytes, int32_t rows, int32_t vocab) {
+    if (input_bytes > sampling_inputs_.nbytes()) {
+      check_cuda(cudaEventSynchronize(sampled_.get()), "cudaEventSynchronize");
+      if (sampling_pinned_) cudaFreeHost(sampling_pinned_);
+      sampling_pinned_ = nullptr;
+      const size_t bytes = std::max(input_bytes, 2 * sampling_inputs_.nbytes());
+      check_cuda(cudaMallocHost(&sampling_pinned_, bytes), "cudaMallocHost");
+      sampling_inputs_ = byte_buffer(bytes);
+    }
+    if (static_cast<size_t>(rows) * sizeof(int32_t) > sampled_ids_.nbytes()) {
+      if (sampled_ids_pinned_) cudaFreeHost(sampled_ids_pinned_);
+      sampled_ids_pinned_ = nullptr;
+      sampled_ids_ = byte_buffer(2 * rows * sizeof(int32_t));
+      check_cuda(cudaMallocHost(&sampled_ids_pinned_, sampled_ids_.nbytes()), "cudaMallocHost");
+    }
+    const size_t workspace = kc::sampling_workspace_bytes(rows, vocab);
+    if (workspace > sampling_workspace_.nbytes()) sampling_workspace_ = byte_buffer(workspace);
+  }
 
   void require_current(const ForwardBatch& batch) const {
     if (batch_.host != &batch) {
@@ -400,14 +596,28 @@ class CudaBackend final : public Backend {
   Tensor indices_;
   Event upload_done_;
   DeviceBatch batch_;
+  size_t staged_bytes_ = 0;
+  // CUDA graphs of decode steps.
+  bool cuda_graphs_;
+  bool graph_layout_ = false;  // this step's indices are laid out for a recording
+  bool capturing_ = false;
+  std::map<GraphKey, RecordedStep> graphs_;
+  uint64_t graphs_free_count_ = 0;
+  // Device sampling: per-row settings (pinned staging and device twin), chosen ids.
+  void* sampling_pinned_ = nullptr;
+  Tensor sampling_inputs_;
+  Tensor sampling_workspace_;
+  Tensor sampled_ids_;
+  void* sampled_ids_pinned_ = nullptr;
+  Event sampled_;
   const std::vector<float>* inv_freq_host_ = nullptr;
   Tensor inv_freq_;
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend(int device, DType activation) {
-  return std::make_unique<CudaBackend>(device, activation);
+std::unique_ptr<Backend> make_cuda_backend(int device, DType activation, bool cuda_graphs) {
+  return std::make_unique<CudaBackend>(device, activation, cuda_graphs);
 }
 
 }  // namespace ftengine

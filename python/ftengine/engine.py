@@ -108,6 +108,7 @@ class Engine:
         progress: bool = True,
         tp: int = 1,
         allreduce_tile_tokens: int = 0,
+        cuda_graphs: bool = True,
     ) -> Engine:
         """Loads a model: a Hugging Face directory (config.json, *.safetensors, tokenizer
         files), a llama.cpp GGUF file (quantised weights are dequantised at load), or a known
@@ -120,7 +121,8 @@ class Engine:
         (default) or "float16", with float32 accumulation. num_threads defaults to every core.
         kv_cache_tokens sizes the paged KV cache shared by all requests; max_batch_tokens caps
         the tokens of one forward step (longer prompts are prefilled in chunks) and max_num_seqs
-        the requests decoded together.
+        the requests decoded together. cuda_graphs records decode steps on the GPU as CUDA
+        graphs and replays them (False launches every kernel, for debugging).
 
         tp > 1 splits the model over that many MPI ranks (run under `mpirun -np tp`; every rank
         makes the same calls). allreduce_tile_tokens sets the token tile of the overlapped
@@ -197,6 +199,7 @@ class Engine:
                 allreduce_tile_tokens=allreduce_tile_tokens,
                 device=device_kind,
                 device_index=device_index,
+                cuda_graphs=cuda_graphs,
             )
             stream_weights(needed, runtime.add_weight, progress and rank == 0,
                            f"loading {Path(checkpoint.name).name}")
