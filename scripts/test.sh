@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a virtual environment, installs ftengine with its test dependencies, runs the test
-# suite, then the CPU kernels and model tests again under AddressSanitizer + UBSan.
+# suite, then the CPU kernels and model tests again under AddressSanitizer + UBSan, then a
+# compile check of the CUDA kernels.
 # Usage: bash scripts/test.sh [extra pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,3 +24,6 @@ TESTS="$PWD/tests"
 (cd /tmp && python -m pytest -q -p no:cacheprovider "$TESTS" "$@")
 
 bash scripts/sanitize.sh
+
+# The CUDA kernels compile (CI has nvcc but no GPU; the GPU machine runs them).
+bash scripts/check_cuda_build.sh
