@@ -187,10 +187,16 @@ class CudaBackend final : public Backend {
   // to a power of two), so a long generation records a handful of graphs.
   Tensor run_step(const ForwardBatch& batch, const std::function<Tensor()>& forward) override {
     const int64_t n = batch.num_tokens();
-    graph_layout_ = cuda_graphs_ && n > 0 && n <= kMaxGraphTokens &&
-                    n == batch.num_sequences() &&
-                    static_cast<int64_t>(batch.logits_rows.size()) == n;
-    if (!graph_layout_) return forward();
+    const bool recordable = cuda_graphs_ && n > 0 && n <= kMaxGraphTokens &&
+                            n == batch.num_sequences() &&
+                            static_cast<int64_t>(batch.logits_rows.size()) == n;
+    if (!recordable) return forward();
+    // Steps outside run_step (prompt scoring) keep the plain layout.
+    struct LayoutScope {
+      bool& flag;
+      explicit LayoutScope(bool& f) : flag(f) { flag = true; }
+      ~LayoutScope() { flag = false; }
+    } layout(graph_layout_);
     if (allocator_.free_count() != graphs_free_count_ || graphs_.size() >= kMaxGraphs) {
       graphs_.clear();  // a recorded address may have been freed and reused since
     }
