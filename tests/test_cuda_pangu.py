@@ -1,0 +1,111 @@
+"""Both Pangu families on the CUDA backend: PanGu-alpha against the torch reference of
+test_pangu_alpha.py and openPangu-Embedded against transformers' Llama with attention bias (its
+published graph), in bfloat16 on the GPU, with the FlashAttention-2 error rule for whole models.
+Skipped where there is no GPU or no CUDA build."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from ftengine import _C, Engine, SamplingParams
+from model_fixtures import make_tiny_llama
+from safetensors.torch import save_file
+from test_pangu_alpha import PanguAlpha
+from tokenizer_fixtures import write_llama_style_tokenizer
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not (_C.has_cuda and torch.cuda.is_available()),
+                       reason="needs a GPU and a CUDA build of ftengine"),
+]
+
+
+def assert_within_twice_torch(ours, reference, torch_low, floor=1e-3):
+    assert np.isfinite(ours).all(), "non-finite logits"
+    ours_error = np.abs(ours - reference).max()
+    torch_error = np.abs(torch_low - reference).max()
+    assert ours_error <= 2 * torch_error + floor * np.abs(reference).max(), (ours_error,
+                                                                             torch_error)
+
+
+@pytest.fixture(scope="module")
+def pangu_alpha_hd64(tmp_path_factory):
+    """A PanGu-alpha with head_dim 64 (hidden 256, 4 heads), weights rounded to bfloat16."""
+    directory = tmp_path_factory.mktemp("cuda-pangu-alpha")
+    vocab = write_llama_style_tokenizer(directory, "sentencepiece", vocab_size=384)
+    torch.manual_seed(0)
+    model = PanguAlpha(vocab, 256, 3, 4, 512, 256).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0, 0.08)
+            elif name.endswith("weight"):
+                parameter.uniform_(0.5, 1.5)
+            else:
+                parameter.normal_(0, 0.1)
+            parameter.copy_(parameter.to(torch.bfloat16).float())
+    tensors = {name: p.detach().to(torch.bfloat16).contiguous()
+               for name, p in model.state_dict().items()}
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = dict(vocab_size=vocab, hidden_size=256, num_layers=3, num_heads=4,
+                  intermediate_size=512, max_position_embeddings=256, layer_norm_epsilon=1e-5,
+                  architectures=["GPTPanguForCausalLM"], model_type="gpt_pangu",
+                  activation_function="gelu")
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory, model
+
+
+def pangu_logits(model, ids, dtype=torch.float32):
+    with torch.no_grad():
+        low = model.to(dtype).cuda()
+        try:
+            return low(torch.tensor(ids, device="cuda")).float().cpu().numpy()
+        finally:
+            model.float().cpu()
+
+
+def test_pangu_alpha_logits_and_greedy_on_cuda(pangu_alpha_hd64):
+    directory, model = pangu_alpha_hd64
+    engine = Engine.from_pretrained(directory, device="cuda", progress=False,
+                                    kv_cache_tokens=1024, max_batch_tokens=32, max_num_seqs=4)
+    ids = list(range(3, 120))  # 117 tokens: prefilled in chunks of 32 over the paged cache
+    assert_within_twice_torch(engine.logits(ids), pangu_logits(model, ids),
+                              pangu_logits(model, ids, torch.bfloat16))
+    prompt = list(range(5, 40))
+    expected, margins = list(prompt), []
+    for _ in range(16):
+        logits = pangu_logits(model, expected)[-1]
+        top = np.sort(logits)[-2:]
+        margins.append(top[1] - top[0])
+        expected.append(int(logits.argmax()))
+    output = engine.generate([prompt], SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
+    for step, (ours, theirs) in enumerate(zip(output.token_ids, expected[len(prompt):],
+                                              strict=True)):
+        if ours != theirs:
+            assert margins[step] < 0.05 * max(margins), (step, margins)
+            break
+
+
+def test_openpangu_embedded_on_cuda(tmp_path):
+    model = make_tiny_llama(tmp_path, "gqa", dtype=torch.bfloat16, hidden_size=256,
+                            intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=64, attention_bias=True, initializer_range=0.1,
+                            rope_parameters={"rope_type": "default", "rope_theta": 1.6e7})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("attention_bias")
+    config.update(architectures=["PanguEmbeddedForCausalLM"], model_type="PanguEmbedded",
+                  bias=True)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = model.to(torch.bfloat16).float().cuda()
+    engine = Engine.from_pretrained(tmp_path, device="cuda", progress=False,
+                                    kv_cache_tokens=1024)
+    assert engine.config.architecture == "PanguEmbeddedForCausalLM"
+    ids = list(range(3, 90))
+    with torch.no_grad():
+        reference = model(torch.tensor([ids], device="cuda")).logits[0].cpu().numpy()
+        low = model.to(torch.bfloat16)(torch.tensor([ids], device="cuda")).logits[0]
+    assert_within_twice_torch(engine.logits(ids), reference, low.float().cpu().numpy())
