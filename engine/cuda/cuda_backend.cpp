@@ -109,6 +109,9 @@ class CudaBackend final : public Backend {
     return tensor;
   }
 
+  // Bytes a scratch buffer holds; 0 before its first use (an undefined Tensor has no buffer).
+  static size_t capacity(const Tensor& buffer) { return buffer.defined() ? buffer.nbytes() : 0; }
+
   // A scratch buffer of at least `bytes` bytes.
   Tensor byte_buffer(size_t bytes) {
     return empty({static_cast<int64_t>((bytes + 3) / 4)}, DType::kInt32);
@@ -418,10 +421,10 @@ class CudaBackend final : public Backend {
     const kc::AttentionKernel kernel = kc::choose_attention_kernel(p, compute_capability_);
     const size_t workspace_bytes =
         kc::attention_workspace_bytes(p, kernel, compute_capability_);
-    if (workspace_bytes > attention_workspace_.nbytes()) {
+    if (workspace_bytes > capacity(attention_workspace_)) {
       attention_workspace_ = byte_buffer(workspace_bytes);
     }
-    kc::run_attention(p, kernel, attention_workspace_.raw(), attention_workspace_.nbytes(),
+    kc::run_attention(p, kernel, attention_workspace_.raw(), capacity(attention_workspace_),
                       stream_);
   }
 
@@ -537,22 +540,22 @@ class CudaBackend final : public Backend {
   }
 
   void ensure_sampling_capacity(size_t input_bytes, int32_t rows, int32_t vocab) {
-    if (input_bytes > sampling_inputs_.nbytes()) {
+    if (input_bytes > capacity(sampling_inputs_)) {
       check_cuda(cudaEventSynchronize(sampled_.get()), "cudaEventSynchronize");
       if (sampling_pinned_) cudaFreeHost(sampling_pinned_);
       sampling_pinned_ = nullptr;
-      const size_t bytes = std::max(input_bytes, 2 * sampling_inputs_.nbytes());
+      const size_t bytes = std::max(input_bytes, 2 * capacity(sampling_inputs_));
       check_cuda(cudaMallocHost(&sampling_pinned_, bytes), "cudaMallocHost");
       sampling_inputs_ = byte_buffer(bytes);
     }
-    if (static_cast<size_t>(rows) * sizeof(int32_t) > sampled_ids_.nbytes()) {
+    if (static_cast<size_t>(rows) * sizeof(int32_t) > capacity(sampled_ids_)) {
       if (sampled_ids_pinned_) cudaFreeHost(sampled_ids_pinned_);
       sampled_ids_pinned_ = nullptr;
       sampled_ids_ = byte_buffer(2 * rows * sizeof(int32_t));
       check_cuda(cudaMallocHost(&sampled_ids_pinned_, sampled_ids_.nbytes()), "cudaMallocHost");
     }
     const size_t workspace = kc::sampling_workspace_bytes(rows, vocab);
-    if (workspace > sampling_workspace_.nbytes()) sampling_workspace_ = byte_buffer(workspace);
+    if (workspace > capacity(sampling_workspace_)) sampling_workspace_ = byte_buffer(workspace);
   }
 
   void require_current(const ForwardBatch& batch) const {
