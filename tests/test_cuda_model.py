@@ -10,6 +10,7 @@ import pytest
 import torch
 from ftengine import _C, Engine, SamplingParams
 from model_fixtures import make_tiny_llama
+from transformers import LlamaForCausalLM
 
 pytestmark = [
     pytest.mark.cuda,
@@ -37,33 +38,40 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 @pytest.fixture(scope="module")
 def cuda_model(tmp_path_factory):
-    """make(variant, dtype) -> (directory, float32 transformers model on the GPU holding the
-    checkpoint's rounded weights), one checkpoint per pair."""
+    """make(variant, dtype) -> (directory, float32 transformers model on the GPU), one checkpoint
+    per pair. The reference is loaded back from the file: its weights are the checkpoint's
+    rounded ones, its rotary frequencies float32 (a model cast with .to(bfloat16) would round
+    those too, and drift from every correct implementation as positions grow)."""
     cache = {}
 
     def make(variant: str, dtype: str):
         key = (variant, dtype)
         if key not in cache:
             directory = tmp_path_factory.mktemp(f"cuda-{variant}-{dtype}")
-            reference = make_tiny_llama(directory, "gqa", dtype=DTYPES[dtype],
-                                        initializer_range=0.1, **CUDA_VARIANTS[variant])
-            # The float32 reference starts from the same rounded weights as the file.
-            reference = reference.to(DTYPES[dtype]).float().cuda().eval()
-            cache[key] = (directory, reference)
+            make_tiny_llama(directory, "gqa", dtype=DTYPES[dtype], initializer_range=0.1,
+                            **CUDA_VARIANTS[variant])
+            cache[key] = (directory, load_reference(directory, torch.float32))
         return cache[key]
 
     return make
 
 
-def hf_logits(model, ids, dtype=None):
+def load_reference(directory, dtype):
+    return LlamaForCausalLM.from_pretrained(directory, dtype=dtype).cuda().eval()
+
+
+def hf_logits(model, ids):
     with torch.no_grad():
-        if dtype is None:
-            return model(torch.tensor([ids], device="cuda")).logits[0].float().cpu().numpy()
-        low = model.to(dtype)
-        try:
-            return low(torch.tensor([ids], device="cuda")).logits[0].float().cpu().numpy()
-        finally:
-            model.float()
+        return model(torch.tensor([ids], device="cuda")).logits[0].float().cpu().numpy()
+
+
+def low_precision_logits(directory, ids, dtype):
+    """What transformers computes loading the checkpoint in `dtype` (the rule's yardstick)."""
+    model = load_reference(directory, DTYPES[dtype])
+    try:
+        return hf_logits(model, ids)
+    finally:
+        del model
 
 
 def assert_within_twice_torch(ours, reference, torch_low, floor=1e-3):
@@ -87,7 +95,7 @@ def test_prompt_logits_match_transformers(cuda_model, variant, dtype):
                                     kv_cache_tokens=4096)
     ours = engine.logits(PROMPT)
     assert_within_twice_torch(ours, hf_logits(reference, PROMPT),
-                              hf_logits(reference, PROMPT, DTYPES[dtype]))
+                              low_precision_logits(directory, PROMPT, dtype))
 
 
 @pytest.mark.parametrize("chunk", [1, 16, 50])
@@ -101,7 +109,7 @@ def test_chunked_prefill_matches_whole_prompt(cuda_model, chunk):
                                      kv_cache_tokens=4096, max_batch_tokens=chunk,
                                      max_num_seqs=1)
     expected = hf_logits(reference, PROMPT)
-    low = hf_logits(reference, PROMPT, torch.bfloat16)
+    low = low_precision_logits(directory, PROMPT, "bfloat16")
     assert_within_twice_torch(whole.logits(PROMPT), expected, low)
     assert_within_twice_torch(chunked.logits(PROMPT), expected, low)
 

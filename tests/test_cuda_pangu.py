@@ -15,6 +15,7 @@ from model_fixtures import make_tiny_llama
 from safetensors.torch import save_file
 from test_pangu_alpha import PanguAlpha
 from tokenizer_fixtures import write_llama_style_tokenizer
+from transformers import LlamaForCausalLM
 
 pytestmark = [
     pytest.mark.cuda,
@@ -91,21 +92,25 @@ def test_pangu_alpha_logits_and_greedy_on_cuda(pangu_alpha_hd64):
 
 
 def test_openpangu_embedded_on_cuda(tmp_path):
-    model = make_tiny_llama(tmp_path, "gqa", dtype=torch.bfloat16, hidden_size=256,
-                            intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                            head_dim=64, attention_bias=True, initializer_range=0.1,
-                            rope_parameters={"rope_type": "default", "rope_theta": 1.6e7})
+    make_tiny_llama(tmp_path, "gqa", dtype=torch.bfloat16, hidden_size=256,
+                    intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=64, attention_bias=True, initializer_range=0.1,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1.6e7})
+    # The references load the file before it is relabelled: float32 rotary frequencies,
+    # the checkpoint's rounded weights.
+    reference = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()
+    low = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda().eval()
     config = json.loads((tmp_path / "config.json").read_text())
     config.pop("attention_bias")
     config.update(architectures=["PanguEmbeddedForCausalLM"], model_type="PanguEmbedded",
                   bias=True)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    model = model.to(torch.bfloat16).float().cuda()
     engine = Engine.from_pretrained(tmp_path, device="cuda", progress=False,
                                     kv_cache_tokens=1024)
     assert engine.config.architecture == "PanguEmbeddedForCausalLM"
     ids = list(range(3, 90))
+    x = torch.tensor([ids], device="cuda")
     with torch.no_grad():
-        reference = model(torch.tensor([ids], device="cuda")).logits[0].cpu().numpy()
-        low = model.to(torch.bfloat16)(torch.tensor([ids], device="cuda")).logits[0]
-    assert_within_twice_torch(engine.logits(ids), reference, low.float().cpu().numpy())
+        expected = reference(x).logits[0].cpu().numpy()
+        torch_low = low(x).logits[0].float().cpu().numpy()
+    assert_within_twice_torch(engine.logits(ids), expected, torch_low)
