@@ -74,8 +74,9 @@ def test_pangu_alpha_logits_and_greedy_on_cuda(pangu_alpha_hd64):
     engine = Engine.from_pretrained(directory, device="cuda", progress=False,
                                     kv_cache_tokens=1024, max_batch_tokens=32, max_num_seqs=4)
     ids = list(range(3, 120))  # 117 tokens: prefilled in chunks of 32 over the paged cache
-    assert_within_twice_torch(engine.logits(ids), pangu_logits(model, ids),
-                              pangu_logits(model, ids, torch.bfloat16))
+    expected, torch_low = pangu_logits(model, ids), pangu_logits(model, ids, torch.bfloat16)
+    assert_within_twice_torch(engine.logits(ids), expected, torch_low)
+    noise = np.abs(torch_low - expected).max()  # a margin below twice this is rounding's call
     prompt = list(range(5, 40))
     expected, margins = list(prompt), []
     for _ in range(16):
@@ -87,7 +88,7 @@ def test_pangu_alpha_logits_and_greedy_on_cuda(pangu_alpha_hd64):
     for step, (ours, theirs) in enumerate(zip(output.token_ids, expected[len(prompt):],
                                               strict=True)):
         if ours != theirs:
-            assert margins[step] < 0.05 * max(margins), (step, margins)
+            assert margins[step] < 2 * noise, (step, margins[step], noise)
             break
 
 

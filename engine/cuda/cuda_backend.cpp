@@ -190,16 +190,18 @@ class CudaBackend final : public Backend {
   // to a power of two), so a long generation records a handful of graphs.
   Tensor run_step(const ForwardBatch& batch, const std::function<Tensor()>& forward) override {
     const int64_t n = batch.num_tokens();
-    const bool recordable = cuda_graphs_ && n > 0 && n <= kMaxGraphTokens &&
-                            n == batch.num_sequences() &&
+    const bool recordable = n > 0 && n <= kMaxGraphTokens && n == batch.num_sequences() &&
                             static_cast<int64_t>(batch.logits_rows.size()) == n;
     if (!recordable) return forward();
-    // Steps outside run_step (prompt scoring) keep the plain layout.
+    // Decode steps use the recording layout (padded block table, split-KV planned for its
+    // width) with or without graphs, so both paths run the same kernels on the same plan and
+    // give bit-identical results. Steps outside run_step (prompt scoring) keep the plain one.
     struct LayoutScope {
       bool& flag;
       explicit LayoutScope(bool& f) : flag(f) { flag = true; }
       ~LayoutScope() { flag = false; }
     } layout(graph_layout_);
+    if (!cuda_graphs_) return forward();
     if (allocator_.free_count() != graphs_free_count_ || graphs_.size() >= kMaxGraphs) {
       graphs_.clear();  // a recorded address may have been freed and reused since
     }
