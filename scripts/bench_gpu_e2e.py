@@ -80,7 +80,35 @@ def run_requests(runtime, batch, prompt_len, new_tokens):
     return prefill, time.perf_counter() - start
 
 
-def ftengine_numbers(config, cases, prefill_len):
+def profile_decode(runtime, batch, out: Path):
+    """Where a decode step's GPU time goes: kernels of 32 batch-`batch` decode steps under
+    torch's profiler (CUPTI sees every kernel of the process, graph replays included)."""
+    from torch.profiler import ProfilerActivity, profile
+    rng = np.random.default_rng(1)
+    for _ in range(batch):
+        runtime.add_request(rng.integers(3, 32000, 128).tolist(), 0.0, 0, 1.0, 1.0, 0, 40, [])
+    for _ in range(8):  # prefill and the first decode steps (recordings) stay outside
+        runtime.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        for _ in range(32):
+            runtime.step()
+        torch.cuda.synchronize()
+    while runtime.has_unfinished():
+        runtime.step()
+    rows = []
+    for event in trace.key_averages():
+        total = event.device_time_total if hasattr(event, "device_time_total") else 0
+        if total > 0:
+            rows.append({"kernel": event.key[:90], "calls": event.count, "total_us": total})
+    rows.sort(key=lambda r: -r["total_us"])
+    step_us = sum(r["total_us"] for r in rows) / 32
+    print(f"decode batch {batch}: {step_us:.0f} us of kernels per step")
+    for r in rows[:15]:
+        print(f"  {r['total_us'] / 32:8.1f} us/step  {r['calls'] // 32:4} calls  {r['kernel']}")
+    (out / f"profile_decode_batch{batch}.json").write_text(json.dumps(rows, indent=1))
+
+
+def ftengine_numbers(config, cases, prefill_len, profile_out=None):
     results = {}
     max_batch = max(b for b, _, _ in cases)
     # Each request reserves its prompt and new tokens at admission, rounded up to 128-slot blocks.
@@ -98,6 +126,8 @@ def ftengine_numbers(config, cases, prefill_len):
         }
         print(f"ftengine batch {batch:3}: decode {batch * (new_tokens - 1) / decode:8.1f} tok/s, "
               f"end to end {batch * new_tokens / (prefill + decode):8.1f} tok/s", flush=True)
+    if profile_out is not None:
+        profile_decode(runtime, 1, profile_out)
     del runtime
     gc.collect()
     return results
@@ -147,6 +177,10 @@ def main() -> int:
     parser.add_argument("--size", choices=["quick", "full"], default="full",
                         help="quick: 4 layers and short runs; full: the 32-layer model")
     parser.add_argument("--out", default="bench_results", help="folder for the JSON")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where batch-1 decode time goes, kernel by kernel")
+    parser.add_argument("--skip-peers", action="store_true",
+                        help="measure ftengine only (no transformers runs)")
     args = parser.parse_args()
     if not (torch.cuda.is_available() and _C.has_cuda):
         print("needs a GPU and a CUDA build of ftengine", file=sys.stderr)
@@ -160,10 +194,16 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name(), "layers": config.num_layers,
               "weight_gb": weight_bytes / 1e9, "copy_bandwidth_tb_s": bandwidth / 1e12,
               "bound_tokens_per_s": bandwidth / weight_bytes}
-    result["ftengine"] = ftengine_numbers(config, cases, 2048)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result["ftengine"] = ftengine_numbers(config, cases, 2048, out if args.profile else None)
+    ours = result["ftengine"]["batch1"]["decode_tokens_per_s"]
+    print(f"batch-1 decode: {ours:.1f} tok/s = {ours / result['bound_tokens_per_s']:.0%} of the "
+          f"bandwidth bound ({result['bound_tokens_per_s']:.0f} tok/s)")
+    if args.skip_peers:
+        return 0
     for attention in ("eager", "sdpa"):
         result[f"transformers_{attention}"] = transformers_numbers(config, cases, 2048, attention)
-    ours = result["ftengine"]["batch1"]["decode_tokens_per_s"]
     result["batch1_fraction_of_bound"] = ours / result["bound_tokens_per_s"]
     for batch, _, _ in cases:
         key = f"batch{batch}"
@@ -178,8 +218,6 @@ def main() -> int:
               f"{f['vs_transformers_eager']:.2f}x eager, {f['vs_transformers_sdpa']:.2f}x sdpa")
     print(f"2K prefill: ftengine {result['ftengine']['prefill_2k_ms']:.1f} ms, transformers "
           f"sdpa {result['transformers_sdpa']['prefill_2k_ms']:.1f} ms")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "bench_gpu_e2e.json").write_text(json.dumps(result, indent=1))
     return 0
 

@@ -88,8 +88,59 @@ __device__ float block_sum(float value, float* scratch) {
   return total;
 }
 
-// One block per row. The row is read once into float32 registers/shared memory-free loops: cols
-// of a decoder (<= 16K) over 256 threads is at most 64 elements a thread.
+// One block per row; each thread owns kVector consecutive elements of it, loaded with one
+// 16-byte access and kept in registers between the sum of squares and the write: the row is
+// read once. A decode step has a single row, so one block's latency is the whole kernel's
+// (measured: 14 us a call with scalar loads and two reads, Llama-7B shape, H100).
+template <typename T>
+constexpr int kVector = 16 / sizeof(T);
+
+template <typename T>
+struct alignas(16) Vector {
+  T values[kVector<T>];
+};
+
+template <typename T>
+__global__ void add_rmsnorm_vector_kernel(T* x, const T* residual, const float* weight,
+                                          int64_t cols, float eps, T* out) {
+  __shared__ float scratch[32];
+  constexpr int kWidth = kVector<T>;
+  const int64_t offset = blockIdx.x * cols + static_cast<int64_t>(threadIdx.x) * kWidth;
+  const bool active = static_cast<int64_t>(threadIdx.x) * kWidth < cols;
+  float values[kWidth];
+  float sum_squares = 0.f;
+  if (active) {
+    Vector<T> row = *reinterpret_cast<const Vector<T>*>(x + offset);
+    if (residual) {
+      const Vector<T> add = *reinterpret_cast<const Vector<T>*>(residual + offset);
+#pragma unroll
+      for (int i = 0; i < kWidth; ++i) {
+        // The sum is rounded to the activation type, as the unfused residual add stores it.
+        row.values[i] = from_float<T>(to_float(row.values[i]) + to_float(add.values[i]));
+      }
+      *reinterpret_cast<Vector<T>*>(x + offset) = row;
+    }
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) {
+      values[i] = to_float(row.values[i]);
+      sum_squares += values[i] * values[i];
+    }
+  }
+  const float inverse_rms = rsqrtf(block_sum(sum_squares, scratch) / cols + eps);
+  if (active) {
+    Vector<T> result;
+    const int64_t column = static_cast<int64_t>(threadIdx.x) * kWidth;
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) {
+      // HF's LlamaRMSNorm rounds the normalised value to the activation type before the weight.
+      const float normed = to_float(from_float<T>(values[i] * inverse_rms));
+      result.values[i] = from_float<T>(normed * weight[column + i]);
+    }
+    *reinterpret_cast<Vector<T>*>(out + offset) = result;
+  }
+}
+
+// The general form, for rows that are not a multiple of the vector width or are too wide.
 template <typename T>
 __global__ void add_rmsnorm_kernel(T* x, const T* residual, const float* weight, int64_t cols,
                                    float eps, T* out) {
@@ -100,7 +151,6 @@ __global__ void add_rmsnorm_kernel(T* x, const T* residual, const float* weight,
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     float value = to_float(row[c]);
     if (residual_row) {
-      // The sum is rounded to the activation type, as the unfused residual add stores it.
       const T stored = from_float<T>(value + to_float(residual_row[c]));
       row[c] = stored;
       value = to_float(stored);
@@ -110,7 +160,6 @@ __global__ void add_rmsnorm_kernel(T* x, const T* residual, const float* weight,
   const float inverse_rms = rsqrtf(block_sum(sum_squares, scratch) / cols + eps);
   T* out_row = out + blockIdx.x * cols;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    // HF's LlamaRMSNorm rounds the normalised value to the activation type before the weight.
     const float normed = to_float(from_float<T>(to_float(row[c]) * inverse_rms));
     out_row[c] = from_float<T>(normed * weight[c]);
   }
@@ -195,14 +244,24 @@ __global__ void gather_rows_kernel(const T* x, const int32_t* rows, int64_t cols
   }
 }
 
-// One block per token; threads walk (head, pair) items of q, k and v.
+// Grid: (token, group of heads). The angles of a token are computed once into shared memory
+// and shared by its heads (measured: 21 us a call for one decode token of the Llama-7B shape
+// with a sincosf per rotated pair, H100). The last group of blocks also copies v.
+constexpr int kRotaryHeadsPerBlock = 8;
+constexpr int kMaxRotaryHalf = 256;
+
 template <typename T>
 __global__ void rotary_cache_write_kernel(RotaryCacheWriteParams p) {
+  __shared__ float cos_table[kMaxRotaryHalf], sin_table[kMaxRotaryHalf];
   const int64_t t = blockIdx.x;
   const T* row = static_cast<const T*>(p.qkv) + t * p.qkv_token_stride;
   const int32_t half = p.rotary_dim / 2;
   // float32 angles, as HF computes them, so long positions round the same way.
   const float position = static_cast<float>(p.positions[t]);
+  for (int32_t i = threadIdx.x; i < half; i += blockDim.x) {
+    sincosf(position * p.inv_freq[i], &sin_table[i], &cos_table[i]);
+  }
+  __syncthreads();
   const int64_t slot = p.slot_mapping[t];
   const int64_t slot_offset =
       (slot / p.block_size) * p.kv_block_stride + (slot % p.block_size) * p.kv_token_stride;
@@ -211,8 +270,10 @@ __global__ void rotary_cache_write_kernel(RotaryCacheWriteParams p) {
   T* v_cache = static_cast<T*>(p.v_cache) + slot_offset;
   const int32_t pairs = p.head_dim / 2;  // rotated pairs plus pass-through pairs per head
   const int32_t rotated_heads = p.num_heads + p.num_kv_heads;
-  for (int32_t item = threadIdx.x; item < rotated_heads * pairs; item += blockDim.x) {
-    const int32_t head = item / pairs, i = item % pairs;
+  const int32_t first_head = blockIdx.y * kRotaryHeadsPerBlock;
+  const int32_t heads = min(kRotaryHeadsPerBlock, rotated_heads - first_head);
+  for (int32_t item = threadIdx.x; item < heads * pairs; item += blockDim.x) {
+    const int32_t head = first_head + item / pairs, i = item % pairs;
     const T* in = row + static_cast<int64_t>(head) * p.head_dim;
     T* out = head < p.num_heads ? q_out + static_cast<int64_t>(head) * p.head_dim
                                 : k_cache + (head - p.num_heads) * p.kv_head_stride;
@@ -231,19 +292,19 @@ __global__ void rotary_cache_write_kernel(RotaryCacheWriteParams p) {
     }
     const float a = to_float(in[first]), b = to_float(in[second]);
     if (i < half) {
-      float sin_angle, cos_angle;
-      sincosf(position * p.inv_freq[i], &sin_angle, &cos_angle);
-      out[first] = from_float<T>(a * cos_angle - b * sin_angle);
-      out[second] = from_float<T>(b * cos_angle + a * sin_angle);
+      out[first] = from_float<T>(a * cos_table[i] - b * sin_table[i]);
+      out[second] = from_float<T>(b * cos_table[i] + a * sin_table[i]);
     } else {
       out[first] = in[first];
       out[second] = in[second];
     }
   }
-  const T* v_row = row + static_cast<int64_t>(p.num_heads + p.num_kv_heads) * p.head_dim;
-  for (int32_t item = threadIdx.x; item < p.num_kv_heads * p.head_dim; item += blockDim.x) {
-    const int32_t head = item / p.head_dim, d = item % p.head_dim;
-    v_cache[head * p.kv_head_stride + d] = v_row[item];
+  if (blockIdx.y == gridDim.y - 1) {
+    const T* v_row = row + static_cast<int64_t>(p.num_heads + p.num_kv_heads) * p.head_dim;
+    for (int32_t item = threadIdx.x; item < p.num_kv_heads * p.head_dim; item += blockDim.x) {
+      const int32_t head = item / p.head_dim, d = item % p.head_dim;
+      v_cache[head * p.kv_head_stride + d] = v_row[item];
+    }
   }
 }
 
@@ -279,9 +340,19 @@ void add_rmsnorm(void* x, const void* residual, const float* weight, int64_t row
   if (rows == 0) return;
   dispatch_type(type, [&](auto tag) {
     using T = decltype(tag);
-    add_rmsnorm_kernel<T><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
-        static_cast<T*>(x), static_cast<const T*>(residual), weight, cols, eps,
-        static_cast<T*>(out));
+    constexpr int width = kVector<T>;
+    const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    if (cols % width == 0 && cols / width <= 1024 && aligned(x) && aligned(out) &&
+        (!residual || aligned(residual))) {
+      const int threads = static_cast<int>((cols / width + 31) / 32 * 32);
+      add_rmsnorm_vector_kernel<T><<<static_cast<unsigned int>(rows), threads, 0, stream>>>(
+          static_cast<T*>(x), static_cast<const T*>(residual), weight, cols, eps,
+          static_cast<T*>(out));
+    } else {
+      add_rmsnorm_kernel<T><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
+          static_cast<T*>(x), static_cast<const T*>(residual), weight, cols, eps,
+          static_cast<T*>(out));
+    }
   });
   check_launch("add_rmsnorm");
 }
@@ -363,13 +434,16 @@ void gather_rows(const void* x, const int32_t* rows, int64_t count, int64_t cols
 void rotary_cache_write(const RotaryCacheWriteParams& params, cudaStream_t stream) {
   if (params.tokens == 0) return;
   if (params.head_dim % 2 != 0 || params.rotary_dim % 2 != 0 ||
-      params.rotary_dim > params.head_dim) {
-    throw std::invalid_argument("rotary_cache_write: head_dim and rotary_dim must be even");
+      params.rotary_dim > params.head_dim || params.rotary_dim / 2 > kMaxRotaryHalf) {
+    throw std::invalid_argument(
+        "rotary_cache_write: head_dim and rotary_dim must be even, rotary_dim at most 512");
   }
+  const dim3 grid(static_cast<unsigned int>(params.tokens),
+                  (params.num_heads + params.num_kv_heads + kRotaryHeadsPerBlock - 1) /
+                      kRotaryHeadsPerBlock);
   dispatch_type(params.type, [&](auto tag) {
     using T = decltype(tag);
-    rotary_cache_write_kernel<T>
-        <<<static_cast<unsigned int>(params.tokens), 128, 0, stream>>>(params);
+    rotary_cache_write_kernel<T><<<grid, 256, 0, stream>>>(params);
   });
   check_launch("rotary_cache_write");
 }

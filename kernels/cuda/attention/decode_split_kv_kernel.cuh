@@ -246,6 +246,50 @@ __device__ __forceinline__ void split_range(int kv_len, int num_splits, int spli
   end = static_cast<int>(first + per_split < kv_len ? first + per_split : kv_len);
 }
 
+// A split that owns no position: the merge skips its -inf partial; a lone split (kv_len == 0)
+// writes the final answer, a zero row and lse -inf.
+template <typename Element>
+__device__ __forceinline__ void store_empty_split(const DecodeArgs& args, int seq, int split,
+                                                  int q_token, int head0, int group) {
+  const AttentionParams& p = args.params;
+  const int vecs = p.head_dim / 8;
+  if (args.num_splits == 1) {
+    for (int i = threadIdx.x; i < group * vecs; i += kThreads) {
+      auto* dst = static_cast<Element*>(p.out) + static_cast<int64_t>(q_token) * p.out_token_stride +
+                  static_cast<int64_t>(head0 + i / vecs) * p.out_head_stride + (i % vecs) * 8;
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    }
+    if (p.lse != nullptr && static_cast<int>(threadIdx.x) < group) {
+      p.lse[static_cast<int64_t>(q_token) * p.num_heads + head0 + threadIdx.x] = kNegInf;
+    }
+  } else if (static_cast<int>(threadIdx.x) < group) {
+    args.partial_lse[(static_cast<int64_t>(seq) * p.num_heads + head0 + threadIdx.x) *
+                         args.num_splits +
+                     split] = kNegInf;
+  }
+}
+
+// Stores dims [8 * vec, 8 * vec + 8) of one head's normalised result, and its lse once per head:
+// the final output when there is one split, else the split's partial row.
+template <typename Element>
+__device__ __forceinline__ void store_head_result(const DecodeArgs& args, int seq, int split,
+                                                  int q_token, int head, int vec,
+                                                  const float (&values)[8], float lse) {
+  const AttentionParams& p = args.params;
+  if (args.num_splits == 1) {
+    auto* dst = static_cast<Element*>(p.out) + static_cast<int64_t>(q_token) * p.out_token_stride +
+                static_cast<int64_t>(head) * p.out_head_stride + vec * 8;
+    *reinterpret_cast<uint4*>(dst) = pack8<Element>(values);
+    if (vec == 0 && p.lse != nullptr) p.lse[static_cast<int64_t>(q_token) * p.num_heads + head] = lse;
+  } else {
+    const int64_t row = (static_cast<int64_t>(seq) * p.num_heads + head) * args.num_splits + split;
+    float4* dst = reinterpret_cast<float4*>(args.partial_out + row * p.head_dim + vec * 8);
+    dst[0] = make_float4(values[0], values[1], values[2], values[3]);
+    dst[1] = make_float4(values[4], values[5], values[6], values[7]);
+    if (vec == 0) args.partial_lse[row] = lse;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernel 1: attention of one split. grid (num_kv_heads, num_splits, batch) or (num_splits,
 // num_kv_heads, batch), kThreads threads.
@@ -276,29 +320,12 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_kernel(const DecodeA
   const int group = p.num_heads / p.num_kv_heads;
   const int head0 = kv_head * group;
   const int head_dim = p.head_dim;
-  const bool direct = args.num_splits == 1;
 
   int begin, end;
   split_range(kv_len, args.num_splits, split, kChunk, begin, end);
 
   if (begin >= end) {
-    // Nothing to attend: the merge skips a -inf partial; a lone split (kv_len == 0) writes the
-    // final answer, a zero row and lse -inf.
-    if (direct) {
-      for (int i = tid; i < group * (head_dim / 8); i += kThreads) {
-        const int h = i / (head_dim / 8);
-        const int v = i % (head_dim / 8);
-        auto* dst = static_cast<Element*>(p.out) + q_token * p.out_token_stride +
-                    (head0 + h) * p.out_head_stride + v * 8;
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-      }
-      if (p.lse != nullptr && tid < group) {
-        p.lse[static_cast<int64_t>(q_token) * p.num_heads + head0 + tid] = kNegInf;
-      }
-    } else if (tid < group) {
-      args.partial_lse[(static_cast<int64_t>(seq) * p.num_heads + head0 + tid) * args.num_splits +
-                       split] = kNegInf;
-    }
+    store_empty_split<Element>(args, seq, split, q_token, head0, group);
     return;
   }
 
@@ -576,19 +603,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_kernel(const DecodeA
 #pragma unroll
     for (int e = 0; e < 8; ++e) total[e] *= inv_sum;
     const float lse = (max_s[h] + log2f(sum_s[h])) * kLn2;
-    const int head = head0 + h;
-    if (direct) {
-      auto* dst = static_cast<Element*>(p.out) + static_cast<int64_t>(q_token) * p.out_token_stride +
-                  static_cast<int64_t>(head) * p.out_head_stride + v * 8;
-      *reinterpret_cast<uint4*>(dst) = pack8<Element>(total);
-      if (v == 0 && p.lse != nullptr) p.lse[static_cast<int64_t>(q_token) * p.num_heads + head] = lse;
-    } else {
-      const int64_t row = (static_cast<int64_t>(seq) * p.num_heads + head) * args.num_splits + split;
-      float4* dst = reinterpret_cast<float4*>(args.partial_out + row * head_dim + v * 8);
-      dst[0] = make_float4(total[0], total[1], total[2], total[3]);
-      dst[1] = make_float4(total[4], total[5], total[6], total[7]);
-      if (v == 0) args.partial_lse[row] = lse;
-    }
+    store_head_result<Element>(args, seq, split, q_token, head0 + h, v, total, lse);
   }
 }
 
