@@ -5,8 +5,9 @@
 #
 # The GPU machine has nvcc, torch and transformers but no network: the wheels it lacks travel in
 # .whl/ (nvidia-cutlass for the CuTe headers, scipy-openblas32 for the CPU backend, gguf), see
-# docs/GPU.md. Stages are chosen with GPU_STAGES (default "build test bench"); extra pytest
-# arguments with GPU_PYTEST_ARGS; benchmark size with GPU_BENCH (quick|full, default full).
+# docs/GPU.md. Stages are chosen with GPU_STAGES (default "build test bench"); test files with
+# GPU_TESTS (default every tests/test_*cuda*.py), extra pytest arguments with GPU_PYTEST_ARGS
+# (split on spaces); benchmark size with GPU_BENCH (quick|full, default full).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -46,7 +47,7 @@ if [[ " $STAGES " == *" test "* ]]; then
   echo "== pytest -m cuda"
   # shellcheck disable=SC2086
   # Only the files with CUDA tests: the others may import what this machine lacks (jieba).
-  "$PYTHON" -m pytest -m cuda tests/test_*cuda*.py -q -p no:cacheprovider \
+  "$PYTHON" -m pytest -m cuda ${GPU_TESTS:-tests/test_*cuda*.py} -q -p no:cacheprovider \
     --junitxml="$OUT/cuda_tests.xml" \
     ${GPU_PYTEST_ARGS:-} 2>&1 | tee "$OUT/cuda_tests.log" | tail -n 40
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1

@@ -8,7 +8,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "kernels/cuda/attention/decode_split_kv_kernel.cuh"
+#include "kernels/cuda/attention/decode_split_kv_launch.cuh"
 
 namespace ftengine::kernels::cuda {
 namespace {
@@ -149,6 +149,7 @@ DecodeArgs make_decode_args(const AttentionParams& params, int num_splits, void*
   args.num_splits = num_splits;
   args.scale_log2 = params.softmax_scale * kLog2e;
   args.block_size = FastDivmod(static_cast<uint32_t>(params.block_size));
+  args.blocks_hold_sub_chunks = params.block_size % kMmaSubChunk == 0;
   if (num_splits > 1) {
     if (workspace == nullptr) {
       throw std::invalid_argument("decode_split_kv: " + std::to_string(num_splits) +
@@ -162,13 +163,13 @@ DecodeArgs make_decode_args(const AttentionParams& params, int num_splits, void*
 }
 
 void run_decode_with_splits(const AttentionParams& params, int num_splits, void* workspace,
-                            cudaStream_t stream) {
+                            cudaStream_t stream, bool allow_tensor_cores) {
   if (params.batch == 0 || params.max_seqlen_q == 0) return;
   const DecodeArgs args = make_decode_args(params, num_splits, workspace);
   if (params.dtype == ElementType::kFloat16) {
-    launch_decode_for_dtype<__half>(args, stream);
+    launch_decode_for_dtype<__half>(args, allow_tensor_cores, stream);
   } else {
-    launch_decode_for_dtype<__nv_bfloat16>(args, stream);
+    launch_decode_for_dtype<__nv_bfloat16>(args, allow_tensor_cores, stream);
   }
 }
 

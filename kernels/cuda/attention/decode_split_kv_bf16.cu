@@ -1,10 +1,10 @@
-// Split-KV decode instances for nv_bfloat16: every (head_dim, GQA group, shared-memory size) variant
-// of launch_decode_for_dtype, compiled apart from the other dtype to halve the build's critical
-// path.
-#include "kernels/cuda/attention/decode_split_kv_kernel.cuh"
+// Split-KV decode instances for bfloat16: every (kernel, head_dim, GQA group, shared-memory
+// size) variant of launch_decode_for_dtype, compiled apart from the other dtype to halve the
+// build's critical path.
+#include "kernels/cuda/attention/decode_split_kv_launch.cuh"
 
 namespace ftengine::kernels::cuda::decode_detail {
 
-template void launch_decode_for_dtype<__nv_bfloat16>(const DecodeArgs&, cudaStream_t);
+template void launch_decode_for_dtype<__nv_bfloat16>(const DecodeArgs&, bool, cudaStream_t);
 
 }  // namespace ftengine::kernels::cuda::decode_detail

@@ -1,6 +1,6 @@
-// Split-KV decode: traits, the two kernels (per-split attention, log-sum-exp merge) and their
-// launch templates. Included by the per-dtype instance files and by nothing else that runs on the
-// host alone; the public entry points are in decode_split_kv.h.
+// Split-KV decode: shared device code, the CUDA-core kernel (every architecture from Turing on)
+// and the log-sum-exp merge. decode_split_kv_mma.cuh holds the tensor-core kernel,
+// decode_split_kv_launch.cuh the launchers; the public entry points are in decode_split_kv.h.
 //
 // One CTA owns (split, KV head, sequence): the query heads of its GQA group, one token each, and
 // a contiguous slice of that sequence's KV positions. The slice is streamed in chunks of
@@ -24,6 +24,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cuda/attention/attention_params.h"
 
@@ -67,6 +68,9 @@ struct DecodeArgs {
   // partial_lse[(seq * num_heads + head) * num_splits + split] (natural log; -inf: empty split).
   float* partial_out = nullptr;
   float* partial_lse = nullptr;
+  // A split slice starts at a multiple of 64, so with block_size % 16 == 0 each 16-token step
+  // of the tensor-core kernel lies in one cache block: one block id per step.
+  bool blocks_hold_sub_chunks = false;
   // Grid order: blockIdx.x walks the KV heads (the heads of one token range run side by side and
   // share DRAM pages, since a cache slot holds every head) or the splits.
   bool kv_heads_fastest = true;
@@ -152,7 +156,7 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 #endif
 }
 
@@ -671,148 +675,5 @@ __global__ void __launch_bounds__(kThreads) decode_merge_kernel(const DecodeArgs
   }
   if (lse_out != nullptr && lane == 0) *lse_out = max_lse + logf(sum);
 }
-
-// ---------------------------------------------------------------------------------------------
-// Launch templates
-
-inline void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("decode_split_kv: ") + what + " launch failed: " +
-                             cudaGetErrorString(err));
-  }
-}
-
-struct DeviceInfo {
-  int device = 0;
-  int compute_capability = 0;
-  int max_smem_per_block = 0;  // with opt-in
-};
-
-inline DeviceInfo current_device_info() {
-  DeviceInfo info;
-  int major = 0, minor = 0;
-  if (cudaGetDevice(&info.device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, info.device) !=
-          cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, info.device) !=
-          cudaSuccess ||
-      cudaDeviceGetAttribute(&info.max_smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                             info.device) != cudaSuccess) {
-    throw std::runtime_error("decode_split_kv: cannot query the current CUDA device");
-  }
-  info.compute_capability = major * 10 + minor;
-  return info;
-}
-
-// Runs the split kernel of one instance, then the merge when there are several splits.
-template <typename Traits>
-void launch_decode(const DecodeArgs& args, const DeviceInfo& device, cudaStream_t stream) {
-  const auto kernel = decode_split_kv_kernel<Traits>;
-  if (Traits::kSmemBytes > 48 * 1024) {
-    // Once per device and instance: the attribute sticks to the function.
-    static unsigned long long raised_on_devices = 0;
-    const unsigned long long bit = 1ull << (device.device % 64);
-    if ((__atomic_load_n(&raised_on_devices, __ATOMIC_ACQUIRE) & bit) == 0) {
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               Traits::kSmemBytes) != cudaSuccess) {
-        check_launch("split kernel (shared memory attribute)");
-      }
-      __atomic_fetch_or(&raised_on_devices, bit, __ATOMIC_ACQ_REL);
-    }
-  }
-  const AttentionParams& p = args.params;
-  const dim3 grid = args.kv_heads_fastest ? dim3(p.num_kv_heads, args.num_splits, p.batch)
-                                           : dim3(args.num_splits, p.num_kv_heads, p.batch);
-  kernel<<<grid, kThreads, Traits::kSmemBytes, stream>>>(args);
-  check_launch("split kernel");
-  if (args.num_splits == 1) return;
-
-  using Element = typename Traits::Element;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((p.num_heads + kMergeHeadsPerCta - 1) / kMergeHeadsPerCta, p.batch);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  cudaLaunchAttribute attribute = {};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  if (device.compute_capability >= 90) {
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-  }
-  if (cudaLaunchKernelEx(&config, decode_merge_kernel<Element>, args) != cudaSuccess &&
-      config.numAttrs > 0) {
-    // Without programmatic launch the merge only waits for the whole split kernel as usual.
-    (void)cudaGetLastError();
-    config.attrs = nullptr;
-    config.numAttrs = 0;
-    (void)cudaLaunchKernelEx(&config, decode_merge_kernel<Element>, args);
-  }
-  check_launch("merge kernel");
-}
-
-// Tokens per chunk: about 16 KB of K (and as much of V) per stage.
-template <int kHeadDimVecs>
-constexpr int kLargeChunk = kHeadDimVecs <= 16 ? 64 : 32;
-// Devices with less shared memory per block (Turing's 64 KB, Ada's 99 KB) get a 2-stage ring of
-// half-size chunks; 64 tokens stay for head_dim 64 so the epilogue still fits in the ring.
-template <int kHeadDimVecs>
-constexpr int kSmallChunk = kHeadDimVecs <= 8 ? 64 : kHeadDimVecs <= 16 ? 32 : 16;
-
-template <typename Element, int kHeadDimVecs, int kGroup>
-void launch_decode_for_shape(const DecodeArgs& args, const DeviceInfo& device,
-                             cudaStream_t stream) {
-  using Large = DecodeTraits<Element, kHeadDimVecs, kGroup, kLargeChunk<kHeadDimVecs>, 3>;
-  using Small = DecodeTraits<Element, kHeadDimVecs, kGroup, kSmallChunk<kHeadDimVecs>, 2>;
-  if (Large::kSmemBytes <= device.max_smem_per_block) {
-    launch_decode<Large>(args, device, stream);
-  } else {
-    launch_decode<Small>(args, device, stream);
-  }
-}
-
-template <typename Element, int kHeadDimVecs>
-void launch_decode_for_head_dim(const DecodeArgs& args, const DeviceInfo& device,
-                                cudaStream_t stream) {
-  const int group = args.params.num_heads / args.params.num_kv_heads;
-  if (group <= 1) {
-    launch_decode_for_shape<Element, kHeadDimVecs, 1>(args, device, stream);
-  } else if (group <= 2) {
-    launch_decode_for_shape<Element, kHeadDimVecs, 2>(args, device, stream);
-  } else if (group <= 4) {
-    launch_decode_for_shape<Element, kHeadDimVecs, 4>(args, device, stream);
-  } else if (group <= 8) {
-    launch_decode_for_shape<Element, kHeadDimVecs, 8>(args, device, stream);
-  } else {
-    launch_decode_for_shape<Element, kHeadDimVecs, 16>(args, device, stream);
-  }
-}
-
-// The one place that turns (head_dim, group) into an instance; instantiated once per dtype in
-// decode_split_kv_{fp16,bf16}.cu.
-template <typename Element>
-void launch_decode_for_dtype(const DecodeArgs& args, cudaStream_t stream) {
-  const DeviceInfo device = current_device_info();
-  const int head_dim = args.params.head_dim;
-  if (head_dim <= 64) {
-    launch_decode_for_head_dim<Element, 8>(args, device, stream);
-  } else if (head_dim <= 128) {
-    launch_decode_for_head_dim<Element, 16>(args, device, stream);
-  } else {
-    launch_decode_for_head_dim<Element, 32>(args, device, stream);
-  }
-}
-
-extern template void launch_decode_for_dtype<__half>(const DecodeArgs&, cudaStream_t);
-extern template void launch_decode_for_dtype<__nv_bfloat16>(const DecodeArgs&, cudaStream_t);
-
-DecodeArgs make_decode_args(const AttentionParams& params, int num_splits, void* workspace);
-
-// Fills DecodeArgs and launches with a given number of splits (decode_num_splits() in
-// production; the benchmarks sweep it). `workspace` holds decode_workspace_bytes(params, splits).
-void run_decode_with_splits(const AttentionParams& params, int num_splits, void* workspace,
-                            cudaStream_t stream);
-size_t decode_workspace_bytes(const AttentionParams& params, int num_splits);
 
 }  // namespace ftengine::kernels::cuda::decode_detail
