@@ -121,8 +121,10 @@ class Backend {
 std::unique_ptr<Backend> make_cpu_backend(int num_threads);
 
 // The CUDA backend on one GPU, activations and KV cache in `activation` (float16 or bfloat16);
-// decode steps are captured as CUDA graphs and replayed unless `cuda_graphs` is false.
-// Defined only in builds with CUDA (FTENGINE_WITH_CUDA).
-std::unique_ptr<Backend> make_cuda_backend(int device, DType activation, bool cuda_graphs);
+// decode steps are captured as CUDA graphs and replayed unless `cuda_graphs` is false;
+// `attention_kernel` names the FastAttention member every attention call uses ("auto": the
+// best for each call). Defined only in builds with CUDA (FTENGINE_WITH_CUDA).
+std::unique_ptr<Backend> make_cuda_backend(int device, DType activation, bool cuda_graphs,
+                                           const std::string& attention_kernel);
 
 }  // namespace ftengine

@@ -149,6 +149,29 @@ def test_greedy_batch_matches_transformers(cuda_model, variant, dtype):
                 break
 
 
+ATTENTION_KERNELS = ["prefill_sm80"]  # members that can serve every call of a model
+
+
+@pytest.mark.parametrize("kernel", ATTENTION_KERNELS)
+def test_forced_attention_kernel_matches_transformers(cuda_model, kernel):
+    """Each member of the family, forced for prefill and decode alike, gives transformers'
+    greedy continuation (dispatch picks them by compute capability on real hardware)."""
+    directory, reference = cuda_model("gqa_hd64", "bfloat16")
+    engine = Engine.from_pretrained(directory, device="cuda", progress=False,
+                                    kv_cache_tokens=4096, attention_kernel=kernel)
+    noise = np.abs(low_precision_logits(directory, PROMPT, "bfloat16") -
+                   hf_logits(reference, PROMPT)).max()
+    assert_within_twice_torch(engine.logits(PROMPT), hf_logits(reference, PROMPT),
+                              low_precision_logits(directory, PROMPT, "bfloat16"))
+    output = engine.generate([PROMPT[:40]], SamplingParams(max_new_tokens=20,
+                                                           ignore_eos=True))[0]
+    expected, margins = reference_greedy(reference, PROMPT[:40], 20)
+    for step, (ours, theirs) in enumerate(zip(output.token_ids, expected, strict=True)):
+        if ours != theirs:
+            assert margins[step] < 2 * noise, (step, margins[step], noise)
+            break
+
+
 @pytest.mark.parametrize("variant", ["gqa_hd64", "mha_hd128"])
 def test_cuda_graph_replay_matches_eager(cuda_model, variant):
     """Decode steps replayed from recorded graphs give the tokens of launching every kernel,
@@ -195,3 +218,5 @@ def test_cuda_errors_are_clear(tmp_path):
         Engine.from_pretrained(tmp_path, device="cuda", dtype="float32", progress=False)
     with pytest.raises(FtengineError, match="not available"):
         Engine.from_pretrained(tmp_path, device="cuda:x", progress=False)
+    with pytest.raises(ValueError, match="unknown attention kernel"):
+        Engine.from_pretrained(tmp_path, device="cuda", progress=False, attention_kernel="sm1")

@@ -63,8 +63,12 @@ struct DeviceBatch {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, DType activation, bool cuda_graphs)
-      : device_(device), activation_(activation), allocator_(device), cuda_graphs_(cuda_graphs) {
+  CudaBackend(int device, DType activation, bool cuda_graphs, kc::AttentionKernel attention)
+      : device_(device),
+        activation_(activation),
+        allocator_(device),
+        cuda_graphs_(cuda_graphs),
+        forced_attention_(attention) {
     require(activation == DType::kBFloat16 || activation == DType::kFloat16,
             "activations must be float16 or bfloat16, got " + dtype_name(activation));
     int count = 0;
@@ -420,7 +424,9 @@ class CudaBackend final : public Backend {
     p.head_dim = shape.head_dim;
     p.softmax_scale = shape.softmax_scale;
     p.causal = shape.causal;
-    const kc::AttentionKernel kernel = kc::choose_attention_kernel(p, compute_capability_);
+    const kc::AttentionKernel kernel = forced_attention_ != kc::AttentionKernel::kAuto
+                                           ? forced_attention_
+                                           : kc::choose_attention_kernel(p, compute_capability_);
     const size_t workspace_bytes =
         kc::attention_workspace_bytes(p, kernel, compute_capability_);
     if (workspace_bytes > capacity(attention_workspace_)) {
@@ -610,6 +616,7 @@ class CudaBackend final : public Backend {
   size_t staged_bytes_ = 0;
   // CUDA graphs of decode steps.
   bool cuda_graphs_;
+  kc::AttentionKernel forced_attention_;  // kAuto: the best member for each call
   bool graph_layout_ = false;  // this step's indices are laid out for a recording
   bool capturing_ = false;
   std::map<GraphKey, RecordedStep> graphs_;
@@ -627,8 +634,10 @@ class CudaBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend(int device, DType activation, bool cuda_graphs) {
-  return std::make_unique<CudaBackend>(device, activation, cuda_graphs);
+std::unique_ptr<Backend> make_cuda_backend(int device, DType activation, bool cuda_graphs,
+                                           const std::string& attention_kernel) {
+  return std::make_unique<CudaBackend>(device, activation, cuda_graphs,
+                                       kc::parse_attention_kernel(attention_kernel));
 }
 
 }  // namespace ftengine

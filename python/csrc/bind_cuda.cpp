@@ -34,11 +34,7 @@ int device_capability() {
 }
 
 kc::AttentionKernel parse_kernel(const std::string& name) {
-  if (name == "auto") return kc::AttentionKernel::kAuto;
-  if (name == "prefill_sm80") return kc::AttentionKernel::kPrefillSm80;
-  if (name == "decode_split_kv") return kc::AttentionKernel::kDecodeSplitKv;
-  throw std::invalid_argument("unknown attention kernel '" + name +
-                              "' (auto, prefill_sm80, decode_split_kv)");
+  return kc::parse_attention_kernel(name);
 }
 
 template <typename T>

@@ -75,6 +75,7 @@ struct RuntimeOptions {
   std::string device = "cpu";  // "cpu" or "cuda"
   int device_index = 0;
   bool cuda_graphs = true;  // record decode steps as CUDA graphs
+  std::string attention_kernel = "auto";  // force one member of the CUDA attention family
   int num_threads = 0;
   int32_t kv_cache_tokens = 0;
   int32_t block_size = 0;
@@ -94,7 +95,8 @@ std::unique_ptr<Backend> make_backend(const RuntimeOptions& options, DType weigh
     if (weight_dtype == DType::kFloat32) {
       throw std::invalid_argument("the CUDA backend runs float16 or bfloat16 models");
     }
-    return make_cuda_backend(options.device_index, weight_dtype, options.cuda_graphs);
+    return make_cuda_backend(options.device_index, weight_dtype, options.cuda_graphs,
+                             options.attention_kernel);
 #else
     throw std::invalid_argument("this build of ftengine has no CUDA backend");
 #endif
@@ -238,11 +240,13 @@ void bind_engine(py::module_& m) {
                        int32_t block_size, int32_t max_step_tokens, int32_t max_sequences,
                        std::shared_ptr<Communicator> communicator,
                        int32_t allreduce_tile_tokens, const std::string& device,
-                       int device_index, bool cuda_graphs) {
+                       int device_index, bool cuda_graphs,
+                       const std::string& attention_kernel) {
              RuntimeOptions options;
              options.device = device;
              options.device_index = device_index;
              options.cuda_graphs = cuda_graphs;
+             options.attention_kernel = attention_kernel;
              options.num_threads = num_threads;
              options.kv_cache_tokens = kv_cache_tokens;
              options.block_size = block_size;
@@ -255,7 +259,7 @@ void bind_engine(py::module_& m) {
            py::arg("block_size"), py::arg("max_step_tokens"), py::arg("max_sequences"),
            py::arg("communicator") = nullptr, py::arg("allreduce_tile_tokens") = 0,
            py::arg("device") = "cpu", py::arg("device_index") = 0,
-           py::arg("cuda_graphs") = true)
+           py::arg("cuda_graphs") = true, py::arg("attention_kernel") = "auto")
       .def("add_weight", &Runtime::add_weight, py::arg("name"), py::arg("array"),
            py::arg("source_dtype"))
       .def("build", &Runtime::build)

@@ -109,6 +109,7 @@ class Engine:
         tp: int = 1,
         allreduce_tile_tokens: int = 0,
         cuda_graphs: bool = True,
+        attention_kernel: str = "auto",
     ) -> Engine:
         """Loads a model: a Hugging Face directory (config.json, *.safetensors, tokenizer
         files), a llama.cpp GGUF file (quantised weights are dequantised at load), or a known
@@ -122,7 +123,9 @@ class Engine:
         kv_cache_tokens sizes the paged KV cache shared by all requests; max_batch_tokens caps
         the tokens of one forward step (longer prompts are prefilled in chunks) and max_num_seqs
         the requests decoded together. cuda_graphs records decode steps on the GPU as CUDA
-        graphs and replays them (False launches every kernel, for debugging).
+        graphs and replays them (False launches every kernel, for debugging); attention_kernel
+        forces one member of the GPU FastAttention family ("prefill_sm80", ...) for every
+        attention call instead of the best for each ("auto").
 
         tp > 1 splits the model over that many MPI ranks (run under `mpirun -np tp`; every rank
         makes the same calls). allreduce_tile_tokens sets the token tile of the overlapped
@@ -200,6 +203,7 @@ class Engine:
                 device=device_kind,
                 device_index=device_index,
                 cuda_graphs=cuda_graphs,
+                attention_kernel=attention_kernel,
             )
             stream_weights(needed, runtime.add_weight, progress and rank == 0,
                            f"loading {Path(checkpoint.name).name}")

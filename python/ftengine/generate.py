@@ -49,9 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop when this text appears (repeatable)")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                         help="print tokens as they are generated")
-    parser.add_argument("--device", default="cpu", help="device to run on")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="storage of the weight matrices (default: as in the checkpoint)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:N (builds with the CUDA backend)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="CPU: storage of the weight matrices, float32 or bfloat16 (default: "
+                        "as in the checkpoint); GPU: bfloat16 (default) or float16 for weights, "
+                        "activations and KV cache")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per process (default: all cores, divided among the "
                         "ranks of one host under mpirun)")

@@ -49,6 +49,17 @@ const char* attention_kernel_name(AttentionKernel kernel) {
   return "unknown";
 }
 
+AttentionKernel parse_attention_kernel(const std::string& name) {
+  std::string names;
+  for (AttentionKernel kernel : {AttentionKernel::kAuto, AttentionKernel::kPrefillSm80,
+                                 AttentionKernel::kDecodeSplitKv}) {
+    if (name == attention_kernel_name(kernel)) return kernel;
+    names += names.empty() ? "" : ", ";
+    names += attention_kernel_name(kernel);
+  }
+  throw std::invalid_argument("unknown attention kernel '" + name + "' (" + names + ")");
+}
+
 AttentionKernel choose_attention_kernel(const AttentionParams& params, int compute_capability) {
   // One query per sequence reads each K/V byte once per query group: a bandwidth problem the
   // split-KV kernel solves; anything longer is a matrix problem for the prefill member.

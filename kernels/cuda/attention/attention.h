@@ -19,6 +19,10 @@ enum class AttentionKernel : int {
 
 const char* attention_kernel_name(AttentionKernel kernel);
 
+// The member named `name` ("auto", "prefill_sm80", ...); throws std::invalid_argument listing
+// the names otherwise.
+AttentionKernel parse_attention_kernel(const std::string& name);
+
 // The member kAuto resolves to for these params on a device of this compute capability
 // (major * 10 + minor).
 AttentionKernel choose_attention_kernel(const AttentionParams& params, int compute_capability);
