@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The GPU machine's whole job in one call: build ftengine with the CUDA backend (cmake + ninja),
-# run the CUDA tests (pytest -m cuda), run the GPU benchmarks, and leave JSON, PNG and logs
-# under $OUT (default: ./gpu_out).
+# run the CUDA tests (pytest -m cuda), the kernel tests under compute-sanitizer, the GPU
+# benchmarks, and leave JSON, PNG and logs under $OUT (default: ./gpu_out).
 #
 # The GPU machine has nvcc, torch and transformers but no network: the wheels it lacks travel in
-# .whl/ (nvidia-cutlass for the CuTe headers, scipy-openblas32 for the CPU backend, gguf), see
-# docs/GPU.md. Stages are chosen with GPU_STAGES (default "build test bench"); test files with
-# GPU_TESTS (default every tests/test_*cuda*.py), extra pytest arguments with GPU_PYTEST_ARGS
-# (split on spaces); benchmark size with GPU_BENCH (quick|full, default full).
+# .whl/ (nvidia-cutlass, scipy-openblas32 for the CPU backend, gguf), see docs/GPU.md.
+# GPU_STAGES picks stages (default "build test sanitize bench"); GPU_TESTS the test files
+# (default every tests/test_*cuda*.py); GPU_PYTEST_ARGS extra pytest arguments (split on
+# spaces); GPU_BENCH the benchmark size (quick|full, default full).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-STAGES="${GPU_STAGES:-build test bench}"
+STAGES="${GPU_STAGES:-build test sanitize bench}"
 PYTHON="${PYTHON:-python3}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
@@ -51,6 +51,23 @@ if [[ " $STAGES " == *" test "* ]]; then
     --junitxml="$OUT/cuda_tests.xml" \
     ${GPU_PYTEST_ARGS:-} 2>&1 | tee "$OUT/cuda_tests.log" | tail -n 40
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+fi
+
+if [[ " $STAGES " == *" sanitize "* ]]; then
+  # compute-sanitizer over the kernel tests (a subset: it slows kernels a hundredfold). Every
+  # finding is an error: --error-exitcode makes the run fail.
+  echo "== compute-sanitizer"
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
+      "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider -x \
+      tests/test_attention_cuda_prefill.py tests/test_attention_cuda_decode.py \
+      tests/test_sampling_cuda.py -k "${GPU_SANITIZE_K:-97 or 1025 or greedy}" \
+      >"$OUT/sanitize_$tool.log" 2>&1
+    rc=$?
+    echo "$tool: exit $rc; $(grep -c "=========" "$OUT/sanitize_$tool.log") sanitizer lines"
+    tail -n 5 "$OUT/sanitize_$tool.log"
+    [[ $rc -eq 0 ]] || status=1
+  done
 fi
 
 if [[ " $STAGES " == *" bench "* ]]; then

@@ -273,6 +273,21 @@ def test_graph_capacity(dtype, num_heads, num_kv_heads):
         torch.testing.assert_close(lse, exact_lse, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kv_lens", [[97, 0, 3], [5000, 1, 0]])
+def test_without_lse(kv_lens):
+    """lse = 0 (null) is allowed: the output alone, whether one split or several."""
+    case = make_case(kv_lens, 32, 8, 128, 16, "bfloat16", 13)
+    case["out_buffer"].fill_(math.nan)
+    _C.cuda_attention("decode_split_kv", **dict(kernel_kwargs(case), lse=0))
+    torch.cuda.synchronize()
+    (ref_out, _), (torch_out, _) = references(case)
+    out = case["out"]
+    assert not torch.isnan(out).any()
+    out_err = (out.double() - ref_out).abs().max().item()
+    torch_err = (torch_out.double() - ref_out).abs().max().item()
+    assert out_err <= 2 * torch_err + FLOOR, (out_err, torch_err)
+
+
 def test_auto_picks_a_member_that_passes():
     case = make_case([1025, 3, 0], 32, 8, 128, 16, "bfloat16", 21)
     check(case, *run_kernel(case, kernel="auto"))
