@@ -10,8 +10,6 @@ if ! command -v nvcc >/dev/null 2>&1; then
   echo "check_cuda_build: no nvcc on this machine; CUDA kernels not compiled"
   exit 0
 fi
-# The CuTe/CUTLASS headers; --no-deps: the wheel's Python dependencies are not needed for them.
-python -m pip install -q --no-deps nvidia-cutlass
 BUILD=build/cuda-check
 start=$(date +%s)
 cmake -S . -B "$BUILD" -G Ninja -DFTENGINE_CUDA_KERNELS_ONLY=ON \

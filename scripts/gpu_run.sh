@@ -4,7 +4,7 @@
 # benchmarks, and leave JSON, PNG and logs under $OUT (default: ./gpu_out).
 #
 # The GPU machine has nvcc, torch and transformers but no network: the wheels it lacks travel in
-# .whl/ (nvidia-cutlass, scipy-openblas32 for the CPU backend, gguf), see docs/GPU.md.
+# .whl/ (scipy-openblas32 for the CPU backend, gguf), see docs/GPU.md.
 # GPU_STAGES picks stages (default "build test sanitize bench"); GPU_TESTS the test files
 # (default every tests/test_*cuda*.py); GPU_PYTEST_ARGS extra pytest arguments (split on
 # spaces); GPU_BENCH the benchmark size (quick|full, default full).
