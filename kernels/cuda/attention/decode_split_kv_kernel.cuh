@@ -71,9 +71,6 @@ struct DecodeArgs {
   // A split slice starts at a multiple of 64, so with block_size % 16 == 0 each 16-token step
   // of the tensor-core kernel lies in one cache block: one block id per step.
   bool blocks_hold_sub_chunks = false;
-  // Grid order: blockIdx.x walks the KV heads (the heads of one token range run side by side and
-  // share DRAM pages, since a cache slot holds every head) or the splits.
-  bool kv_heads_fastest = true;
 };
 
 // kHeadDimVecs: 16-byte vectors per K/V row (head_dim / 8, rounded up to the instance's size);
@@ -295,8 +292,9 @@ __device__ __forceinline__ void store_head_result(const DecodeArgs& args, int se
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernel 1: attention of one split. grid (num_kv_heads, num_splits, batch) or (num_splits,
-// num_kv_heads, batch), kThreads threads.
+// Kernel 1: attention of one split. grid (num_kv_heads, num_splits, batch), kThreads threads: the
+// KV heads of one token range are neighbours in the launch order, and a cache slot holds every
+// head, so CTAs running side by side read adjacent bytes.
 
 template <typename Traits>
 __global__ void __launch_bounds__(kThreads) decode_split_kv_kernel(const DecodeArgs args) {
@@ -311,8 +309,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_kernel(const DecodeA
   allow_dependent_launch();
 
   const AttentionParams& p = args.params;
-  const int split = args.kv_heads_fastest ? blockIdx.y : blockIdx.x;
-  const int kv_head = args.kv_heads_fastest ? blockIdx.x : blockIdx.y;
+  const int kv_head = blockIdx.x;
+  const int split = blockIdx.y;
   const int seq = blockIdx.z;
   const int tid = threadIdx.x;
   const int warp = tid / 32;
