@@ -4,7 +4,11 @@ materialised attention, in one process on one card. Prints ratios; writes JSON (
 matplotlib is there) under --out.
 
 Prefill: the sweep of shared/BASELINES.md (B*S = 16K tokens, 32 heads, head_dim 128, causal and
-not, bf16 and fp16). Decode: one query token per sequence over a paged cache, GB/s of K+V read.
+not, bf16 and fp16). The fp16 rows also time the Turing (prefill_sm75) and Volta (prefill_sm70)
+members, with their ratio to the efficient backend (the xformers kernel, the paper's Volta
+baseline: FastAttention 1.43x). On this card they only show that the kernels run and how they
+compare here: their speed on an H100 says nothing about their speed on a T4 or a V100.
+Decode: one query token per sequence over a paged cache, GB/s of K+V read.
 
     python scripts/bench_gpu_attention.py --size full --out OUT
 """
@@ -24,20 +28,35 @@ from ftengine import _C
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# The Turing and Volta members run on later GPUs too; timed in the fp16 rows.
+LOW_RESOURCE_MEMBERS = ("sm75", "sm70")
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
-def median_ms(fn, warmup=3, repeat=10):
-    """Median of `repeat` timed runs (CUDA events) after `warmup` untimed ones."""
+def median_ms(fn, warmup=3, repeat=10, graph=True):
+    """Median of `repeat` timed runs (CUDA events) after `warmup` untimed ones. The call is
+    recorded as a CUDA graph and replayed when it can be, so a microsecond kernel is timed
+    without the host's launch path (Python, bindings) in front of it, for every contender."""
     for _ in range(warmup):
         fn()
+    run = fn
+    if graph:
+        try:
+            recording = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(recording):
+                fn()
+            run = recording.replay
+            run()
+        except RuntimeError:
+            torch.cuda.synchronize()
+            run = fn
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -79,9 +98,10 @@ def ftengine_attention(kernel, q, k_cache, v_cache, table, q_lens, kv_lens, caus
         kv_token_stride=k_cache.stride(1), kv_head_stride=k_cache.stride(2),
         block_size=k_cache.shape[1], block_table_stride=table.shape[1], batch=len(q_lens),
         max_seqlen_q=max(q_lens), max_seqlen_kv=max(kv_lens), num_heads=h, num_kv_heads=kvh,
-        head_dim=d, softmax_scale=1 / math.sqrt(d), causal=causal,
-        stream=torch.cuda.current_stream().cuda_stream)
-    return lambda: _C.cuda_attention(kernel, **args)
+        head_dim=d, softmax_scale=1 / math.sqrt(d), causal=causal)
+    # The stream is read at each call: under graph capture it is the capturing stream.
+    return lambda: _C.cuda_attention(kernel, **args,
+                                     stream=torch.cuda.current_stream().cuda_stream)
 
 
 def sdpa(q, k, v, **options):
@@ -117,6 +137,12 @@ def prefill_sweep(lengths, dtypes, heads=32, head_dim=128, tokens=16384):
                                          k_cache, v_cache, table, [s] * b, [s] * b, causal,
                                          out, lse)
                 row["ftengine_sm80"] = flops / median_ms(run) / 1e9
+                # fp16 only: Turing and Volta tensor cores have no bf16.
+                for member in LOW_RESOURCE_MEMBERS if dtype == torch.float16 else ():
+                    run = ftengine_attention(f"prefill_{member}", q.reshape(b * s, heads, head_dim),
+                                             k_cache, v_cache, table, [s] * b, [s] * b, causal,
+                                             out, lse)
+                    row[f"ftengine_{member}"] = flops / median_ms(run) / 1e9
                 qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
                 for name, backend in SDPA_BACKENDS.items():
                     try:
@@ -127,7 +153,8 @@ def prefill_sweep(lengths, dtypes, heads=32, head_dim=128, tokens=16384):
                         row[f"sdpa_{name}"] = None
                 if s <= 4096:
                     row["standard"] = flops / median_ms(
-                        functools.partial(standard_attention, qt, kt, vt, causal), 1, 3) / 1e9
+                        functools.partial(standard_attention, qt, kt, vt, causal), 1, 3,
+                        graph=False) / 1e9
                 rows.append(row)
                 ratio = row["ftengine_sm80"] / row["sdpa_flash"] if row.get("sdpa_flash") else 0
                 print(f"prefill {dtype_name} causal={causal!s:5} S={s:6}: ftengine "
@@ -135,6 +162,12 @@ def prefill_sweep(lengths, dtypes, heads=32, head_dim=128, tokens=16384):
                       f"flash {row.get('sdpa_flash') or 0:6.1f}, "
                       f"cudnn {row.get('sdpa_cudnn') or 0:6.1f} -> {ratio:.2f}x flash",
                       flush=True)
+                for member in LOW_RESOURCE_MEMBERS if dtype == torch.float16 else ():
+                    speed = row[f"ftengine_{member}"]
+                    efficient = row.get("sdpa_efficient") or 0
+                    print(f"  {member}: {speed:6.1f} TFLOP/s, efficient (xformers) "
+                          f"{efficient:6.1f} -> {speed / efficient if efficient else 0:.2f}x "
+                          "(H100 speed, not a T4/V100 measurement)", flush=True)
                 del q, k, v, k_cache, v_cache, out, lse
                 torch.cuda.empty_cache()
     return rows
