@@ -4,7 +4,11 @@ materialised attention, in one process on one card. Prints ratios; writes JSON (
 matplotlib is there) under --out.
 
 Prefill: the sweep of shared/BASELINES.md (B*S = 16K tokens, 32 heads, head_dim 128, causal and
-not, bf16 and fp16). Decode: one query token per sequence over a paged cache, GB/s of K+V read.
+not, bf16 and fp16). The fp16 rows also time the Turing (prefill_sm75) and Volta (prefill_sm70)
+members, with their ratio to the efficient backend (the xformers kernel, the paper's Volta
+baseline: FastAttention 1.43x). On this card they only show that the kernels run and how they
+compare here: their speed on an H100 says nothing about their speed on a T4 or a V100.
+Decode: one query token per sequence over a paged cache, GB/s of K+V read.
 
     python scripts/bench_gpu_attention.py --size full --out OUT
 """
@@ -24,6 +28,8 @@ from ftengine import _C
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# The Turing and Volta members run on later GPUs too; timed in the fp16 rows.
+LOW_RESOURCE_MEMBERS = ("sm75", "sm70")
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -131,6 +137,12 @@ def prefill_sweep(lengths, dtypes, heads=32, head_dim=128, tokens=16384):
                                          k_cache, v_cache, table, [s] * b, [s] * b, causal,
                                          out, lse)
                 row["ftengine_sm80"] = flops / median_ms(run) / 1e9
+                # fp16 only: Turing and Volta tensor cores have no bf16.
+                for member in LOW_RESOURCE_MEMBERS if dtype == torch.float16 else ():
+                    run = ftengine_attention(f"prefill_{member}", q.reshape(b * s, heads, head_dim),
+                                             k_cache, v_cache, table, [s] * b, [s] * b, causal,
+                                             out, lse)
+                    row[f"ftengine_{member}"] = flops / median_ms(run) / 1e9
                 qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
                 for name, backend in SDPA_BACKENDS.items():
                     try:
@@ -150,6 +162,12 @@ def prefill_sweep(lengths, dtypes, heads=32, head_dim=128, tokens=16384):
                       f"flash {row.get('sdpa_flash') or 0:6.1f}, "
                       f"cudnn {row.get('sdpa_cudnn') or 0:6.1f} -> {ratio:.2f}x flash",
                       flush=True)
+                for member in LOW_RESOURCE_MEMBERS if dtype == torch.float16 else ():
+                    speed = row[f"ftengine_{member}"]
+                    efficient = row.get("sdpa_efficient") or 0
+                    print(f"  {member}: {speed:6.1f} TFLOP/s, efficient (xformers) "
+                          f"{efficient:6.1f} -> {speed / efficient if efficient else 0:.2f}x "
+                          "(H100 speed, not a T4/V100 measurement)", flush=True)
                 del q, k, v, k_cache, v_cache, out, lse
                 torch.cuda.empty_cache()
     return rows

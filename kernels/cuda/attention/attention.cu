@@ -5,7 +5,7 @@
 #include <string>
 
 #include "kernels/cuda/attention/decode_split_kv.h"
-#include "kernels/cuda/attention/prefill_sm80.h"
+#include "kernels/cuda/attention/prefill.h"
 
 namespace ftengine::kernels::cuda {
 namespace {
@@ -35,6 +35,31 @@ std::string common_reason(const AttentionParams& p) {
   return "";
 }
 
+PrefillArch prefill_arch(AttentionKernel kernel) {
+  switch (kernel) {
+    case AttentionKernel::kPrefillSm75:
+      return PrefillArch::kSm75;
+    case AttentionKernel::kPrefillSm70:
+      return PrefillArch::kSm70;
+    default:
+      return PrefillArch::kSm80;
+  }
+}
+
+// The first compute capability with the member's instructions: cp.async and bf16 mma (8.0),
+// ldmatrix and mma.m16n8k8 (7.5), mma.m8n8k4 (7.0).
+int minimum_capability(PrefillArch arch) {
+  switch (arch) {
+    case PrefillArch::kSm80:
+      return 80;
+    case PrefillArch::kSm75:
+      return 75;
+    case PrefillArch::kSm70:
+      return 70;
+  }
+  return 80;
+}
+
 }  // namespace
 
 const char* attention_kernel_name(AttentionKernel kernel) {
@@ -43,6 +68,10 @@ const char* attention_kernel_name(AttentionKernel kernel) {
       return "auto";
     case AttentionKernel::kPrefillSm80:
       return "prefill_sm80";
+    case AttentionKernel::kPrefillSm75:
+      return "prefill_sm75";
+    case AttentionKernel::kPrefillSm70:
+      return "prefill_sm70";
     case AttentionKernel::kDecodeSplitKv:
       return "decode_split_kv";
   }
@@ -51,8 +80,9 @@ const char* attention_kernel_name(AttentionKernel kernel) {
 
 AttentionKernel parse_attention_kernel(const std::string& name) {
   std::string names;
-  for (AttentionKernel kernel : {AttentionKernel::kAuto, AttentionKernel::kPrefillSm80,
-                                 AttentionKernel::kDecodeSplitKv}) {
+  for (AttentionKernel kernel :
+       {AttentionKernel::kAuto, AttentionKernel::kPrefillSm80, AttentionKernel::kPrefillSm75,
+        AttentionKernel::kPrefillSm70, AttentionKernel::kDecodeSplitKv}) {
     if (name == attention_kernel_name(kernel)) return kernel;
     names += names.empty() ? "" : ", ";
     names += attention_kernel_name(kernel);
@@ -67,8 +97,11 @@ AttentionKernel choose_attention_kernel(const AttentionParams& params, int compu
       decode_split_kv_unsupported_reason(params).empty()) {
     return AttentionKernel::kDecodeSplitKv;
   }
-  (void)compute_capability;
-  return AttentionKernel::kPrefillSm80;
+  // Each GPU generation gets the member of its own instructions (those of later GPUs are not
+  // there; those of earlier ones run, slower).
+  if (compute_capability >= 80) return AttentionKernel::kPrefillSm80;
+  if (compute_capability >= 75) return AttentionKernel::kPrefillSm75;
+  return AttentionKernel::kPrefillSm70;
 }
 
 std::string attention_unsupported_reason(const AttentionParams& params, AttentionKernel kernel,
@@ -78,11 +111,17 @@ std::string attention_unsupported_reason(const AttentionParams& params, Attentio
   if (kernel == AttentionKernel::kAuto) kernel = choose_attention_kernel(params, compute_capability);
   switch (kernel) {
     case AttentionKernel::kPrefillSm80:
-      if (compute_capability < 80) {
-        return "prefill_sm80 needs compute capability 8.0 or newer (this device: " +
-               std::to_string(compute_capability) + ")";
+    case AttentionKernel::kPrefillSm75:
+    case AttentionKernel::kPrefillSm70: {
+      const PrefillArch arch = prefill_arch(kernel);
+      const int needed = minimum_capability(arch);
+      if (compute_capability < needed) {
+        return std::string(prefill_member_name(arch)) + " needs compute capability " +
+               std::to_string(needed / 10) + "." + std::to_string(needed % 10) +
+               " or newer (this device: " + std::to_string(compute_capability) + ")";
       }
-      return prefill_sm80_unsupported_reason(params);
+      return prefill_unsupported_reason(params, arch);
+    }
     case AttentionKernel::kDecodeSplitKv:
       return decode_split_kv_unsupported_reason(params);
     case AttentionKernel::kAuto:
@@ -115,7 +154,9 @@ void run_attention(const AttentionParams& params, AttentionKernel kernel, void* 
   if (params.batch == 0 || params.max_seqlen_q == 0) return;
   switch (kernel) {
     case AttentionKernel::kPrefillSm80:
-      run_prefill_sm80(params, stream);
+    case AttentionKernel::kPrefillSm75:
+    case AttentionKernel::kPrefillSm70:
+      run_prefill(params, prefill_arch(kernel), stream);
       break;
     case AttentionKernel::kDecodeSplitKv: {
       const int sms = current_sm_count();

@@ -1,9 +1,9 @@
-// Written by prefill_sm80_generate_instances.py; edit that script, not this file.
-#include "kernels/cuda/attention/prefill_sm80_launch.h"
+// Written by prefill_generate_instances.py; edit that script, not this file.
+#include "kernels/cuda/attention/prefill_launch.h"
 
 namespace ftengine::kernels::cuda {
 
-template void run_prefill_sm80_instance<__nv_bfloat16, 64>(const AttentionParams& params,
-                                                           cudaStream_t stream);
+template void run_prefill_instance<PrefillSm80Traits<__nv_bfloat16, 64>>(const AttentionParams& params,
+                                                                         cudaStream_t stream);
 
 }  // namespace ftengine::kernels::cuda

@@ -1,4 +1,6 @@
-// The FastAttention prefill body (FlashAttention-2 dataflow) over the paged KV cache.
+// The FastAttention prefill body (FlashAttention-2 dataflow) over the paged KV cache, for the
+// members whose warps hold mma.m16n8k16 fragments (sm80, sm75); prefill_sm70_kernel.h is the
+// m8n8k4 body of the Volta member, with the same CTA-level structure.
 //
 // One CTA owns kBlockM query rows of one sequence and one KV head. A row is a (token, query head)
 // pair, token-major: row r is token r / group, head kv_head * group + r % group. Packing the GQA
@@ -44,9 +46,10 @@ struct PrefillRowCursor {
   }
 };
 
+// The body, shared by the m16n8k16-fragment members: sm80 (cp.async, mma.m16n8k16) and sm75
+// (register round-trip copies, two mma.m16n8k8 per k16 step). What differs is Traits::Arch.
 template <typename Traits, bool kCausal>
-__global__ void __launch_bounds__(Traits::kNumThreads, Traits::kMinBlocksPerSm)
-    prefill_sm80_kernel(const __grid_constant__ AttentionParams params) {
+__device__ __forceinline__ void prefill_mma_body(const AttentionParams& params) {
   using Arch = typename Traits::Arch;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -437,6 +440,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kMinBlocksPerSm)
 
   // ---- epilogue: normalise, stage this warp's rows of O in its own rows of the Q tile (no
   // other warp reads them), then write 16-byte chunks of whole rows.
+  // The warp's last reads of those rows (ldmatrix of Q) are ordered before the writes; without
+  // this barrier compute-sanitizer's racecheck reports lane-to-lane hazards.
+  __syncwarp();
   float row_lse[kMTiles][2];
 #pragma unroll
   for (int mi = 0; mi < kMTiles; ++mi) {

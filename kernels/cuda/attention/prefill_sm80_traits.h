@@ -1,7 +1,8 @@
 // Traits of the FastAttention prefill body (prefill_sm80_kernel.h): what an architecture brings
 // (its tensor-core, shared-memory and async-copy instructions) and the tile shapes chosen for it.
-// A Turing (m16n8k8, no cp.async) or Volta member provides another `Arch` struct with the same
-// functions and its own traits; the body and the launcher stay as they are.
+// The Turing member (prefill_sm75_traits.h) brings another `Arch` struct with the same functions
+// to the same body; the Volta member (prefill_sm70_traits.h) has m8n8k4 fragments and its own
+// warp-level body.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -18,6 +19,9 @@ namespace ftengine::kernels::cuda {
 // {2t, 2t + 1, 2t + 8, 2t + 9} of column `group`; C holds rows {group, group + 8} x columns
 // {2t, 2t + 1}.
 struct Sm80 {
+  static constexpr int kMinCudaArch = 800;  // cp.async, mma.m16n8k16, bf16 tensor cores
+  static constexpr int kMaxSharedBytes = 163 * 1024;  // per block on the A100, opted in
+
   static __device__ __forceinline__ uint32_t shared_address(const void* pointer) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
   }
@@ -99,16 +103,21 @@ struct Sm80 {
 // measured fastest on A100/H100 for head_dim 128 (sm80 path); each warp owns 32 rows, i.e. two
 // m16 tiles, so every K/V fragment loaded with ldmatrix feeds two mma instructions — with one
 // m16 tile per warp the shared-memory reads (128 B/clock/SM) would limit Hopper's mma.sync rate.
-template <typename Element_, int kHeadDim_>
-struct PrefillSm80Traits {
-  using Arch = Sm80;
+//
+// Arch_, Element_ and kBlockN_ vary by member: PrefillSm80Traits below, PrefillSm75Traits in
+// prefill_sm75_traits.h (64 KB of shared memory on Turing: 32-key tiles at head_dim 128).
+template <typename Arch_, typename Element_, int kHeadDim_, int kBlockN_>
+struct PrefillMmaTraits {
+  using Arch = Arch_;
   using Element = Element_;
   static_assert(std::is_same_v<Element, __half> || std::is_same_v<Element, __nv_bfloat16>);
+  static constexpr bool kM8n8k4 = false;  // m16n8k16 fragments: the body of prefill_sm80_kernel.h
 
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim % 64 == 0, "rows are swizzled in 128-byte (64-element) groups");
   static constexpr int kBlockM = 128;  // query rows per CTA: (token, head of the GQA group) pairs
-  static constexpr int kBlockN = 64;   // keys per tile; the cache block size must be a multiple
+  static constexpr int kBlockN = kBlockN_;  // keys per tile; the cache block size is a multiple
+  static_assert(kBlockN % 32 == 0);
   static constexpr int kNumWarps = 4;
   static constexpr int kNumThreads = kNumWarps * 32;
   // 96 KB of shared memory (head_dim 128) and <= 255 registers a thread: two CTAs per SM, so
@@ -136,5 +145,8 @@ struct PrefillSm80Traits {
   static constexpr int kSharedBytes =
       (kQTileElements + 2 * kStages * kKvTileElements) * static_cast<int>(sizeof(Element));
 };
+
+template <typename Element, int kHeadDim>
+using PrefillSm80Traits = PrefillMmaTraits<Sm80, Element, kHeadDim, 64>;
 
 }  // namespace ftengine::kernels::cuda

@@ -1,9 +1,9 @@
 // Turns a runtime bool into a compile-time constant in one place, so a launcher reads
-//   PREFILL_SM80_BOOL_SWITCH(params.causal, kCausal, [&] { launch<Traits, kCausal>(...); });
+//   PREFILL_BOOL_SWITCH(params.causal, kCausal, [&] { launch<Traits, kCausal>(...); });
 // and every variant of the kernel is instantiated in the file that expands it.
 #pragma once
 
-#define PREFILL_SM80_BOOL_SWITCH(condition, constant_name, ...) \
+#define PREFILL_BOOL_SWITCH(condition, constant_name, ...)      \
   [&] {                                                         \
     if (condition) {                                            \
       constexpr bool constant_name = true;                      \
