@@ -2,6 +2,10 @@
 
 #include <omp.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,10 +28,12 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kKvBlockTokens = 256;
 // KV tokens per block when a tile holds several KV heads (decode), see run_tile.
 constexpr int kMultiHeadKvBlockTokens = 64;
-// Query rows per tile (tokens x heads of a GQA group). 128, 256 and 512 measured alike (CPU time
-// within noise) for prefill on 2 AVX-512 cores with head_dim 128; 128 wastes least on the diagonal.
-constexpr int kTileRows = 128;
-// Tiles with at most this many rows per KV head count as decode tiles (see make_work_items).
+// Query rows per tile (tokens x heads of a GQA group). sgemm packs its K (or V) operand on every
+// call, so each packed key should serve many rows: 512 rows took prefill at S = 4096 from 745 to
+// 614 ms against 128 rows (2 AVX-512 cores, head_dim 128). The score tile, 512 x 256 floats,
+// still fits a 2 MiB L2 with the Q and output tiles.
+constexpr int kTileRows = 512;
+// Tiles with at most this many rows per KV head count as decode tiles (see make_plan).
 constexpr int kMaxDecodeRowsPerHead = 16;
 // Second level: one AVX-512 register of scores; the SIMD loops below work in these units.
 constexpr int kSimdFloats = 16;
@@ -65,6 +71,63 @@ inline float exp2_nonpositive(float x) {
   return x < -126.f ? 0.f : p * scale;
 }
 
+#if defined(__AVX512F__)
+// AVX-512 versions of the row loops: gcc 12 compiles the portable ones below to 256-bit vectors
+// (its default preference on Intel cores) with the clamps of exp2_nonpositive as masked
+// instructions, 44 instructions per 16 scores; these take 13. perf put the softmax at 13% of
+// prefill with the portable loops.
+
+// 2^x for 16 lanes, x <= 0, same polynomial as exp2_nonpositive. vscalefps applies the power of
+// two, so no exponent bits are assembled by hand; lanes below -126 (-inf included) give exactly
+// 0 through the zeroing mask, and lanes at or above it never produce denormals.
+inline __m512 exp2_nonpositive(__m512 x) {
+  const __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, whole);  // in [-0.5, 0.5]
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __mmask16 representable = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  return _mm512_maskz_scalef_ps(representable, p, whole);
+}
+
+// Lanes of the last, partial register of an n-float row.
+inline __mmask16 tail_mask(int n) {
+  return static_cast<__mmask16>((1u << (n % kSimdFloats)) - 1u);
+}
+
+float row_max(const float* row, int n) {
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  __m512 lanes = neg_inf;
+  int j = 0;
+  for (; j + kSimdFloats <= n; j += kSimdFloats) lanes = _mm512_max_ps(lanes, _mm512_loadu_ps(row + j));
+  if (j < n) lanes = _mm512_max_ps(lanes, _mm512_mask_loadu_ps(neg_inf, tail_mask(n), row + j));
+  return _mm512_reduce_max_ps(lanes);
+}
+
+// Turns scores (already in log2 units) into exp2(score - max) in place; returns their sum.
+float exp2_shifted_sum(float* row, int n, float max) {
+  const __m512 shift = _mm512_set1_ps(max);
+  __m512 sum = _mm512_setzero_ps();
+  int j = 0;
+  for (; j + kSimdFloats <= n; j += kSimdFloats) {
+    const __m512 p = exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift));
+    _mm512_storeu_ps(row + j, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  if (j < n) {
+    const __mmask16 tail = tail_mask(n);
+    const __m512 p = _mm512_maskz_mov_ps(
+        tail, exp2_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + j), shift)));
+    _mm512_mask_storeu_ps(row + j, tail, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+#else
 // The row loops below work on sub-blocks of kSimdFloats scores with per-lane accumulators, so
 // that each sub-block lives in registers. (An `omp simd reduction` loop was left scalar by gcc 12
 // once inlined into the OpenMP worker: 2x slower prefill.)
@@ -102,6 +165,8 @@ float exp2_shifted_sum(float* row, int n, float max) {
   return sum;
 }
 
+#endif  // __AVX512F__
+
 void scale_row(float* row, int n, float factor) {
 #pragma omp simd simdlen(kSimdFloats)
   for (int j = 0; j < n; ++j) row[j] *= factor;
@@ -116,8 +181,64 @@ struct WorkItem {
   int32_t num_kv_heads;
   int32_t first_token;  // within the sequence's queries
   int32_t num_tokens;
-  int64_t cost;  // KV tokens the tile walks, times its heads: schedules long tiles first
+  int64_t cost;       // KV tokens the tile walks, times its heads: schedules long tiles first
+  int32_t head_copy;  // index of its HeadCopy in the plan; -1: reads the paged cache
 };
+
+// Prefill tiles read their KV head from a contiguous copy, made once for all tiles of the head:
+// in the cache one head's rows are num_kv_heads * head_dim floats apart (16 KiB for 32 heads of
+// 128), a page each, and sgemm's packing of such rows stalls on every row, tile after tile.
+struct HeadCopy {
+  int32_t seq;
+  int32_t kv_head;
+  int64_t kv_tokens;  // keys the head's longest tile walks: the extent of the copy
+  int64_t offset;     // floats into the copy buffer; K at offset, V kv_tokens rows later
+};
+
+// A range of head copies made together, then the tiles that read them. Waves bound the copy
+// buffer; each ends at a barrier so that the next may reuse it.
+struct Wave {
+  size_t first_chunk, end_chunk;  // plan.chunks
+  size_t first_item, end_item;    // plan.items, longest first
+};
+
+// Keys [begin, end) of one head copy: the unit of the parallel copy, so that the threads share
+// even the copy of a lone head.
+struct CopyChunk {
+  int32_t copy;
+  int64_t begin;
+  int64_t end;
+};
+
+// All work of one call: tiles that read the paged cache directly (decode, and sequences with a
+// single tile per head, where a copy would be read once) come first in `items`, then the waves.
+struct WorkPlan {
+  std::vector<WorkItem> items;
+  size_t direct_items = 0;
+  std::vector<HeadCopy> copies;
+  std::vector<CopyChunk> chunks;
+  std::vector<Wave> waves;
+  int64_t copy_buffer_floats = 0;  // the largest wave's copies
+};
+
+// Budget of one wave's head copies, K and V together (a head of 4096 keys of 128 takes 4 MiB):
+// a few heads per wave give the threads many tiles to balance between barriers, while the copies
+// stay small next to the cache itself.
+constexpr int64_t kWaveCopyBytes = int64_t{32} << 20;
+// Keys per unit of the parallel copy.
+constexpr int kCopyChunkTokens = 64;
+
+// The head copies' buffer of the calling thread, kept from call to call: freshly allocated, its
+// tens of MiB would be mapped and page-faulted in (and zeroed by the kernel) on every call,
+// which measured ~10% of prefill at S = 1024.
+float* head_copy_buffer(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) {
+    buffer = std::vector<float>();  // frees the old one first
+    buffer.resize(static_cast<size_t>(floats));
+  }
+  return buffer.data();
+}
 
 // Scratch of one worker, sized once for the largest tile.
 struct WorkerBuffers {
@@ -138,10 +259,10 @@ class AttentionRunner {
         q_ld_(round_up(params.head_dim, kSimdFloats)) {}
 
   void run() {
-    std::vector<WorkItem> items = make_work_items();
-    if (items.empty()) return;
+    const WorkPlan plan = make_plan();
+    if (plan.items.empty()) return;
     const int threads =
-        static_cast<int>(std::min<int64_t>(threads_, static_cast<int64_t>(items.size())));
+        static_cast<int>(std::min<int64_t>(threads_, static_cast<int64_t>(plan.items.size())));
 
     const int64_t rows = max_tile_rows_;
     const int64_t q_floats = round_up(rows * q_ld_, kSimdFloats);
@@ -150,6 +271,7 @@ class AttentionRunner {
     const int64_t worker_floats = 2 * q_floats + score_floats + 2 * stats_floats;
     // Allocated before the parallel region: an exception thrown inside it would terminate.
     std::vector<float> scratch(static_cast<size_t>(worker_floats * threads));
+    float* copy_buffer = head_copy_buffer(plan.copy_buffer_floats);
 
     // Every core already runs one of these workers, so each calls BLAS single-threaded. The
     // engine sets this once for the process (blas.h); repeating it here costs nothing and
@@ -161,15 +283,36 @@ class AttentionRunner {
       WorkerBuffers buffers{base, base + q_floats, base + q_floats + score_floats,
                             base + 2 * q_floats + score_floats,
                             base + 2 * q_floats + score_floats + stats_floats};
+      // No barrier after the direct tiles: a thread done with them starts on the copies.
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t i = 0; i < static_cast<int64_t>(plan.direct_items); ++i) {
+        run_tile(plan.items[static_cast<size_t>(i)], buffers, nullptr, nullptr);
+      }
+      for (const Wave& wave : plan.waves) {
+        // The barrier at the end of this loop publishes the copies to every thread.
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) {
-        run_tile(items[static_cast<size_t>(i)], buffers);
+        for (int64_t c = static_cast<int64_t>(wave.first_chunk);
+             c < static_cast<int64_t>(wave.end_chunk); ++c) {
+          const CopyChunk& chunk = plan.chunks[static_cast<size_t>(c)];
+          copy_keys(plan.copies[static_cast<size_t>(chunk.copy)], chunk.begin, chunk.end,
+                    copy_buffer);
+        }
+        // The barrier at the end of this loop keeps the next wave from overwriting copies that
+        // a tile still reads.
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = static_cast<int64_t>(wave.first_item);
+             i < static_cast<int64_t>(wave.end_item); ++i) {
+          const WorkItem& item = plan.items[static_cast<size_t>(i)];
+          const HeadCopy& copy = plan.copies[static_cast<size_t>(item.head_copy)];
+          const float* k_copy = copy_buffer + copy.offset;
+          run_tile(item, buffers, k_copy, k_copy + copy.kv_tokens * q_ld_);
+        }
       }
     }
   }
 
  private:
-  std::vector<WorkItem> make_work_items() {
+  WorkPlan make_plan() {
     // Enough tokens for kTileRows rows, but a decode step (one token) still packs the whole
     // GQA group into one tile so that the products are matrix-matrix, not matrix-vector.
     const int tile_tokens = std::max(1, kTileRows / group_);
@@ -189,27 +332,88 @@ class AttentionRunner {
     head_splits = std::min(head_splits, p_.num_kv_heads);
     const int32_t heads_per_small_tile = (p_.num_kv_heads + head_splits - 1) / head_splits;
 
-    std::vector<WorkItem> items;
+    WorkPlan plan;
+    std::vector<WorkItem> copied;  // tiles that read a head copy, head after head
     max_tile_rows_ = 0;
     for (int32_t seq = 0; seq < p_.batch; ++seq) {
       const int32_t q_len = p_.cu_seqlens_q[seq + 1] - p_.cu_seqlens_q[seq];
       const int32_t kv_len = p_.seqlens_kv[seq];
       const int32_t heads_per_tile = is_small(q_len) ? heads_per_small_tile : 1;
-      for (int32_t first = 0; first < q_len; first += tile_tokens) {
-        const int32_t count = std::min(tile_tokens, q_len - first);
-        const int64_t last_position = kv_len - q_len + first + count - 1;
-        const int64_t walk = p_.causal ? last_position + 1 : kv_len;
-        for (int32_t head = 0; head < p_.num_kv_heads; head += heads_per_tile) {
-          const int32_t heads = std::min(heads_per_tile, p_.num_kv_heads - head);
+      const int64_t tiles_per_head = (q_len + tile_tokens - 1) / tile_tokens;
+      // The copy spans the whole cache (the last tile walks all of it, causal or not); it pays
+      // off once several tiles read it.
+      const int64_t copy_floats = 2 * int64_t{kv_len} * q_ld_;
+      const bool copy_heads = heads_per_tile == 1 && tiles_per_head >= 2 &&
+                              copy_floats * int64_t{sizeof(float)} <= kWaveCopyBytes;
+      for (int32_t head = 0; head < p_.num_kv_heads; head += heads_per_tile) {
+        const int32_t heads = std::min(heads_per_tile, p_.num_kv_heads - head);
+        const int32_t head_copy = copy_heads ? static_cast<int32_t>(plan.copies.size()) : -1;
+        if (copy_heads) plan.copies.push_back({seq, head, kv_len, 0});
+        for (int32_t first = 0; first < q_len; first += tile_tokens) {
+          const int32_t count = std::min(tile_tokens, q_len - first);
+          const int64_t last_position = kv_len - q_len + first + count - 1;
+          const int64_t walk = p_.causal ? last_position + 1 : kv_len;
           max_tile_rows_ = std::max(max_tile_rows_, count * group_ * heads);
-          items.push_back({seq, head, heads, first, count, walk * heads});
+          (copy_heads ? copied : plan.items)
+              .push_back({seq, head, heads, first, count, walk * heads, head_copy});
         }
       }
     }
     // Longest first, so that dynamic scheduling does not end with one core on a long tile.
-    std::stable_sort(items.begin(), items.end(),
-                     [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
-    return items;
+    const auto longest_first = [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; };
+    std::stable_sort(plan.items.begin(), plan.items.end(), longest_first);
+    plan.direct_items = plan.items.size();
+
+    // Waves: consecutive head copies up to the budget, then their tiles, longest first.
+    size_t next_tile = 0;
+    for (size_t first_copy = 0; first_copy < plan.copies.size();) {
+      Wave wave{};
+      wave.first_chunk = plan.chunks.size();
+      wave.first_item = plan.items.size();
+      int64_t offset = 0;
+      size_t end_copy = first_copy;
+      while (end_copy < plan.copies.size()) {
+        HeadCopy& copy = plan.copies[end_copy];
+        const int64_t floats = 2 * copy.kv_tokens * q_ld_;
+        if (end_copy > first_copy && (offset + floats) * int64_t{sizeof(float)} > kWaveCopyBytes) {
+          break;
+        }
+        copy.offset = offset;
+        offset += floats;
+        for (int64_t begin = 0; begin < copy.kv_tokens; begin += kCopyChunkTokens) {
+          plan.chunks.push_back({static_cast<int32_t>(end_copy), begin,
+                                 std::min<int64_t>(copy.kv_tokens, begin + kCopyChunkTokens)});
+        }
+        ++end_copy;
+      }
+      while (next_tile < copied.size() &&
+             static_cast<size_t>(copied[next_tile].head_copy) < end_copy) {
+        plan.items.push_back(copied[next_tile++]);
+      }
+      wave.end_chunk = plan.chunks.size();
+      wave.end_item = plan.items.size();
+      std::stable_sort(plan.items.begin() + static_cast<std::ptrdiff_t>(wave.first_item),
+                       plan.items.end(), longest_first);
+      plan.waves.push_back(wave);
+      plan.copy_buffer_floats = std::max(plan.copy_buffer_floats, offset);
+      first_copy = end_copy;
+    }
+    return plan;
+  }
+
+  // Copies keys and values [begin, end) of a head into its HeadCopy: rows of q_ld_ floats, K at
+  // copy.offset, V kv_tokens rows after.
+  void copy_keys(const HeadCopy& copy, int64_t begin, int64_t end, float* buffer) const {
+    const int32_t* blocks = p_.block_table + static_cast<int64_t>(copy.seq) * p_.block_table_stride;
+    float* k_copy = buffer + copy.offset;
+    float* v_copy = k_copy + copy.kv_tokens * q_ld_;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t offset = static_cast<int64_t>(blocks[t / p_.block_size]) * p_.kv_block_stride +
+                             (t % p_.block_size) * p_.kv_token_stride +
+                             static_cast<int64_t>(copy.kv_head) * p_.kv_head_stride;
+      std::memcpy(k_copy + t * q_ld_, p_.k_cache + offset, sizeof(float) * head_dim_);
+      std::memcpy(v_copy + t * q_ld_, p_.v_cache + offset, sizeof(float) * head_dim_);
+    }
   }
 
   // Number of KV tokens from `start` readable through one pointer: up to the end of its cache
@@ -229,7 +433,10 @@ class AttentionRunner {
   }
 
   // Rows of a tile are head-major: [kv head of the tile][token][query head of its group].
-  void run_tile(const WorkItem& item, const WorkerBuffers& buf) const {
+  // Keys and values come from the paged cache, or from the head copy k_copy / v_copy (rows of
+  // q_ld_ floats) when the tile belongs to a head group.
+  void run_tile(const WorkItem& item, const WorkerBuffers& buf, const float* k_copy,
+                const float* v_copy) const {
     const int64_t d = head_dim_;
     const int head_rows = item.num_tokens * group_;
     const int rows = head_rows * item.num_kv_heads;
@@ -263,21 +470,30 @@ class AttentionRunner {
     const int block_limit = item.num_kv_heads > 1 ? kMultiHeadKvBlockTokens : kKvBlockTokens;
 
     for (int64_t kv_start = 0; kv_start < kv_end;) {
-      const int n = contiguous_kv_run(blocks, kv_start, kv_end, block_limit);
-      const int64_t token_offset =
-          static_cast<int64_t>(blocks[kv_start / p_.block_size]) * p_.kv_block_stride +
-          (kv_start % p_.block_size) * p_.kv_token_stride;
+      const int n = k_copy != nullptr
+                        ? static_cast<int>(std::min<int64_t>(block_limit, kv_end - kv_start))
+                        : contiguous_kv_run(blocks, kv_start, kv_end, block_limit);
       // Tiling-mask, full tiles: every key is at or before the earliest query. In a partial
       // tile the rows whose token comes before the block's first key see none of it; they are
       // leading rows of each head, left out of both products (half the diagonal block's work).
       const bool full = !p_.causal || kv_start + n - 1 <= first_position;
       const int skipped_rows =
           full ? 0 : static_cast<int>(std::max<int64_t>(0, kv_start - first_position) * group_);
-      for (int h = 0; h < item.num_kv_heads; ++h) {
-        const int64_t offset =
-            token_offset + static_cast<int64_t>(item.first_kv_head + h) * p_.kv_head_stride;
-        attend_block(buf, h * head_rows, head_rows, skipped_rows, p_.k_cache + offset,
-                     p_.v_cache + offset, n, kv_start, full, first_position, score_scale);
+      if (k_copy != nullptr) {
+        attend_block(buf, 0, head_rows, skipped_rows, k_copy + kv_start * q_ld_,
+                     v_copy + kv_start * q_ld_, q_ld_, n, kv_start, full, first_position,
+                     score_scale);
+      } else {
+        const int64_t token_offset =
+            static_cast<int64_t>(blocks[kv_start / p_.block_size]) * p_.kv_block_stride +
+            (kv_start % p_.block_size) * p_.kv_token_stride;
+        for (int h = 0; h < item.num_kv_heads; ++h) {
+          const int64_t offset =
+              token_offset + static_cast<int64_t>(item.first_kv_head + h) * p_.kv_head_stride;
+          attend_block(buf, h * head_rows, head_rows, skipped_rows, p_.k_cache + offset,
+                       p_.v_cache + offset, p_.kv_token_stride, n, kv_start, full,
+                       first_position, score_scale);
+        }
       }
       kv_start += n;
     }
@@ -300,10 +516,11 @@ class AttentionRunner {
   }
 
   // Rows [skipped_rows, head_rows) of one KV head's rows, which start at tile row head_row0,
-  // attend to n keys starting at position kv_start: scores, online softmax update, P·V.
+  // attend to n keys starting at position kv_start (rows kv_ld floats apart in k and v): scores,
+  // online softmax update, P·V.
   void attend_block(const WorkerBuffers& buf, int head_row0, int head_rows, int skipped_rows,
-                    const float* k, const float* v, int n, int64_t kv_start, bool full,
-                    int64_t first_position, float score_scale) const {
+                    const float* k, const float* v, int64_t kv_ld, int n, int64_t kv_start,
+                    bool full, int64_t first_position, float score_scale) const {
     const int64_t d = head_dim_;
     const int first_row = head_row0 + skipped_rows;
     const int end_row = head_row0 + head_rows;
@@ -311,7 +528,7 @@ class AttentionRunner {
     if (active_rows <= 0) return;
     float* scores = buf.scores + static_cast<int64_t>(first_row) * kKvBlockTokens;
     sgemm(false, true, active_rows, n, d, score_scale, buf.q_tile + first_row * q_ld_, q_ld_, k,
-          p_.kv_token_stride, 0.f, scores, kKvBlockTokens);
+          kv_ld, 0.f, scores, kKvBlockTokens);
 
     for (int r = first_row; r < end_row; ++r) {
       float* score_row = buf.scores + static_cast<int64_t>(r) * kKvBlockTokens;
@@ -340,7 +557,7 @@ class AttentionRunner {
       }
     }
 
-    sgemm(false, false, active_rows, d, n, 1.f, scores, kKvBlockTokens, v, p_.kv_token_stride, 1.f,
+    sgemm(false, false, active_rows, d, n, 1.f, scores, kKvBlockTokens, v, kv_ld, 1.f,
           buf.o_acc + first_row * q_ld_, q_ld_);
   }
 
