@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
@@ -28,6 +29,8 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kKvBlockTokens = 256;
 // KV tokens per block when a tile holds several KV heads (decode), see run_tile.
 constexpr int kMultiHeadKvBlockTokens = 64;
+// KV tokens per block on the causal diagonal, see run_tile. Must not exceed the two above.
+constexpr int kDiagonalKvBlockTokens = 64;
 // Query rows per tile (tokens x heads of a GQA group). sgemm packs its K (or V) operand on every
 // call, so each packed key should serve many rows: 512 rows took prefill at S = 4096 from 745 to
 // 614 ms against 128 rows (2 AVX-512 cores, head_dim 128). The score tile, 512 x 256 floats,
@@ -174,7 +177,7 @@ void scale_row(float* row, int n, float factor) {
 
 // One unit of parallel work: a tile of consecutive query tokens of one sequence, for the query
 // heads of `num_kv_heads` consecutive KV heads. Prefill tiles hold one KV head; decode tiles
-// (a few rows per head) hold several, see make_work_items.
+// (a few rows per head) hold several, see make_plan.
 struct WorkItem {
   int32_t seq;
   int32_t first_kv_head;
@@ -182,36 +185,44 @@ struct WorkItem {
   int32_t first_token;  // within the sequence's queries
   int32_t num_tokens;
   int64_t cost;       // KV tokens the tile walks, times its heads: schedules long tiles first
-  int32_t head_copy;  // index of its HeadCopy in the plan; -1: reads the paged cache
+  int32_t head_copy;  // index of its HeadCopy in the plan; -1: reads q and the cache directly
 };
 
-// Prefill tiles read their KV head from a contiguous copy, made once for all tiles of the head:
-// in the cache one head's rows are num_kv_heads * head_dim floats apart (16 KiB for 32 heads of
-// 128), a page each, and sgemm's packing of such rows stalls on every row, tile after tile.
+// Prefill tiles read their operands from a contiguous copy of their KV head, made once for all
+// tiles of the head. In the cache one head's rows are num_kv_heads * head_dim floats apart (16
+// KiB for 32 heads of 128), a page each, and so are a query head's rows in q: sgemm's packing of
+// such rows stalls on every row, tile after tile. The copy reads every head of a token at once,
+// which the prefetchers follow.
 struct HeadCopy {
   int32_t seq;
   int32_t kv_head;
-  int64_t kv_tokens;  // keys the head's longest tile walks: the extent of the copy
-  int64_t offset;     // floats into the copy buffer; K at offset, V kv_tokens rows later
+  int64_t kv_tokens;  // keys of the sequence; its last tile walks them all
+  int64_t q_rows;     // query tokens times the heads of the group
+  // Floats into the copy buffer of [kv_tokens] K rows, then [kv_tokens] V rows, then [q_rows]
+  // query rows ordered like a tile's ([token][query head of the group]); rows of q_ld floats.
+  int64_t offset;
 };
 
-// A range of head copies made together, then the tiles that read them. Waves bound the copy
-// buffer; each ends at a barrier so that the next may reuse it.
+// Keys [begin, end) of consecutive head copies of one sequence (with the queries at those
+// positions): the unit of the parallel copy, small enough that two threads share even the copy
+// of a lone head.
+struct CopyChunk {
+  size_t first_copy;
+  size_t end_copy;
+  int64_t begin;
+  int64_t end;
+};
+
+// Head copies made together, then the tiles that read them. Waves bound the copy buffer; each
+// ends at a barrier, after which the next may reuse it.
 struct Wave {
   size_t first_chunk, end_chunk;  // plan.chunks
   size_t first_item, end_item;    // plan.items, longest first
 };
 
-// Keys [begin, end) of one head copy: the unit of the parallel copy, so that the threads share
-// even the copy of a lone head.
-struct CopyChunk {
-  int32_t copy;
-  int64_t begin;
-  int64_t end;
-};
-
-// All work of one call: tiles that read the paged cache directly (decode, and sequences with a
-// single tile per head, where a copy would be read once) come first in `items`, then the waves.
+// All work of one call: tiles that read q and the cache directly (decode, and sequences with a
+// single tile per head, which would read a copy only once) come first in `items`, then the
+// tiles of the waves.
 struct WorkPlan {
   std::vector<WorkItem> items;
   size_t direct_items = 0;
@@ -221,32 +232,42 @@ struct WorkPlan {
   int64_t copy_buffer_floats = 0;  // the largest wave's copies
 };
 
-// Budget of one wave's head copies, K and V together (a head of 4096 keys of 128 takes 4 MiB):
-// a few heads per wave give the threads many tiles to balance between barriers, while the copies
-// stay small next to the cache itself.
+// Budget of one wave's head copies (a head of 4096 tokens of 128 takes 6 MiB with its queries):
+// several heads per wave give the threads many tiles to balance between barriers, while the
+// buffer stays small next to the cache itself.
 constexpr int64_t kWaveCopyBytes = int64_t{32} << 20;
-// Keys per unit of the parallel copy.
-constexpr int kCopyChunkTokens = 64;
+// Key positions per unit of the parallel copy.
+constexpr int kCopyChunkTokens = 32;
 
-// The head copies' buffer of the calling thread, kept from call to call: freshly allocated, its
-// tens of MiB would be mapped and page-faulted in (and zeroed by the kernel) on every call,
-// which measured ~10% of prefill at S = 1024.
-float* head_copy_buffer(int64_t floats) {
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < floats) {
-    buffer = std::vector<float>();  // frees the old one first
-    buffer.resize(static_cast<size_t>(floats));
+// Memory of the calling thread's calls, kept from call to call: freshly allocated, the head
+// copies' tens of MiB would be mapped, page-faulted and zeroed by the kernel on every call,
+// which measured ~10% of prefill at S = 1024. Not zeroed here either: every float is written
+// before it is read.
+float* call_workspace(int64_t floats) {
+  thread_local std::unique_ptr<float[]> buffer;
+  thread_local int64_t capacity = 0;
+  if (capacity < floats) {
+    buffer.reset();  // frees the old one first
+    buffer.reset(new float[static_cast<size_t>(floats)]);
+    capacity = floats;
   }
-  return buffer.data();
+  return buffer.get();
 }
 
 // Scratch of one worker, sized once for the largest tile.
 struct WorkerBuffers {
-  float* q_tile;   // [rows][q_ld]
+  float* q_tile;   // [rows][q_ld]; queries of a tile that reads q directly
   float* scores;   // [rows][kKvBlockTokens]; scores, then probabilities in place
   float* o_acc;    // [rows][q_ld]; unnormalised output
   float* row_max;  // [rows], log2 units
   float* row_sum;  // [rows]
+};
+
+// A tile's operands in its head copy: its first query row, the head's keys and values.
+struct CopiedOperands {
+  const float* q;
+  const float* k;
+  const float* v;
 };
 
 class AttentionRunner {
@@ -270,8 +291,8 @@ class AttentionRunner {
     const int64_t stats_floats = round_up(rows, kSimdFloats);
     const int64_t worker_floats = 2 * q_floats + score_floats + 2 * stats_floats;
     // Allocated before the parallel region: an exception thrown inside it would terminate.
-    std::vector<float> scratch(static_cast<size_t>(worker_floats * threads));
-    float* copy_buffer = head_copy_buffer(plan.copy_buffer_floats);
+    float* const copy_buffer = call_workspace(plan.copy_buffer_floats + worker_floats * threads);
+    float* const scratch = copy_buffer + plan.copy_buffer_floats;
 
     // Every core already runs one of these workers, so each calls BLAS single-threaded. The
     // engine sets this once for the process (blas.h); repeating it here costs nothing and
@@ -279,23 +300,21 @@ class AttentionRunner {
     use_single_threaded_blas();
 #pragma omp parallel num_threads(threads)
     {
-      float* base = scratch.data() + worker_floats * omp_get_thread_num();
+      float* base = scratch + worker_floats * omp_get_thread_num();
       WorkerBuffers buffers{base, base + q_floats, base + q_floats + score_floats,
                             base + 2 * q_floats + score_floats,
                             base + 2 * q_floats + score_floats + stats_floats};
       // No barrier after the direct tiles: a thread done with them starts on the copies.
 #pragma omp for schedule(dynamic, 1) nowait
       for (int64_t i = 0; i < static_cast<int64_t>(plan.direct_items); ++i) {
-        run_tile(plan.items[static_cast<size_t>(i)], buffers, nullptr, nullptr);
+        run_tile(plan.items[static_cast<size_t>(i)], buffers, nullptr);
       }
       for (const Wave& wave : plan.waves) {
         // The barrier at the end of this loop publishes the copies to every thread.
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = static_cast<int64_t>(wave.first_chunk);
              c < static_cast<int64_t>(wave.end_chunk); ++c) {
-          const CopyChunk& chunk = plan.chunks[static_cast<size_t>(c)];
-          copy_keys(plan.copies[static_cast<size_t>(chunk.copy)], chunk.begin, chunk.end,
-                    copy_buffer);
+          copy_chunk(plan, plan.chunks[static_cast<size_t>(c)], copy_buffer);
         }
         // The barrier at the end of this loop keeps the next wave from overwriting copies that
         // a tile still reads.
@@ -304,8 +323,11 @@ class AttentionRunner {
              i < static_cast<int64_t>(wave.end_item); ++i) {
           const WorkItem& item = plan.items[static_cast<size_t>(i)];
           const HeadCopy& copy = plan.copies[static_cast<size_t>(item.head_copy)];
-          const float* k_copy = copy_buffer + copy.offset;
-          run_tile(item, buffers, k_copy, k_copy + copy.kv_tokens * q_ld_);
+          const float* k = copy_buffer + copy.offset;
+          const float* v = k + copy.kv_tokens * q_ld_;
+          const float* q = v + copy.kv_tokens * q_ld_;
+          const CopiedOperands operands{q + int64_t{item.first_token} * group_ * q_ld_, k, v};
+          run_tile(item, buffers, &operands);
         }
       }
     }
@@ -340,15 +362,15 @@ class AttentionRunner {
       const int32_t kv_len = p_.seqlens_kv[seq];
       const int32_t heads_per_tile = is_small(q_len) ? heads_per_small_tile : 1;
       const int64_t tiles_per_head = (q_len + tile_tokens - 1) / tile_tokens;
-      // The copy spans the whole cache (the last tile walks all of it, causal or not); it pays
-      // off once several tiles read it.
-      const int64_t copy_floats = 2 * int64_t{kv_len} * q_ld_;
-      const bool copy_heads = heads_per_tile == 1 && tiles_per_head >= 2 &&
-                              copy_floats * int64_t{sizeof(float)} <= kWaveCopyBytes;
+      // A copy pays off once several tiles read it.
+      const int64_t q_rows = int64_t{q_len} * group_;
+      const bool copy_heads =
+          heads_per_tile == 1 && tiles_per_head >= 2 &&
+          head_copy_floats(kv_len, q_rows) * int64_t{sizeof(float)} <= kWaveCopyBytes;
       for (int32_t head = 0; head < p_.num_kv_heads; head += heads_per_tile) {
         const int32_t heads = std::min(heads_per_tile, p_.num_kv_heads - head);
         const int32_t head_copy = copy_heads ? static_cast<int32_t>(plan.copies.size()) : -1;
-        if (copy_heads) plan.copies.push_back({seq, head, kv_len, 0});
+        if (copy_heads) plan.copies.push_back({seq, head, kv_len, q_rows, 0});
         for (int32_t first = 0; first < q_len; first += tile_tokens) {
           const int32_t count = std::min(tile_tokens, q_len - first);
           const int64_t last_position = kv_len - q_len + first + count - 1;
@@ -374,17 +396,24 @@ class AttentionRunner {
       size_t end_copy = first_copy;
       while (end_copy < plan.copies.size()) {
         HeadCopy& copy = plan.copies[end_copy];
-        const int64_t floats = 2 * copy.kv_tokens * q_ld_;
+        const int64_t floats = head_copy_floats(copy.kv_tokens, copy.q_rows);
         if (end_copy > first_copy && (offset + floats) * int64_t{sizeof(float)} > kWaveCopyBytes) {
           break;
         }
         copy.offset = offset;
         offset += floats;
-        for (int64_t begin = 0; begin < copy.kv_tokens; begin += kCopyChunkTokens) {
-          plan.chunks.push_back({static_cast<int32_t>(end_copy), begin,
-                                 std::min<int64_t>(copy.kv_tokens, begin + kCopyChunkTokens)});
-        }
         ++end_copy;
+      }
+      // Chunks span the wave's heads of one sequence, which sit side by side in the cache.
+      for (size_t run = first_copy; run < end_copy;) {
+        size_t run_end = run + 1;
+        while (run_end < end_copy && plan.copies[run_end].seq == plan.copies[run].seq) ++run_end;
+        const int64_t kv_tokens = plan.copies[run].kv_tokens;
+        for (int64_t begin = 0; begin < kv_tokens; begin += kCopyChunkTokens) {
+          plan.chunks.push_back(
+              {run, run_end, begin, std::min<int64_t>(kv_tokens, begin + kCopyChunkTokens)});
+        }
+        run = run_end;
       }
       while (next_tile < copied.size() &&
              static_cast<size_t>(copied[next_tile].head_copy) < end_copy) {
@@ -401,18 +430,47 @@ class AttentionRunner {
     return plan;
   }
 
-  // Copies keys and values [begin, end) of a head into its HeadCopy: rows of q_ld_ floats, K at
-  // copy.offset, V kv_tokens rows after.
-  void copy_keys(const HeadCopy& copy, int64_t begin, int64_t end, float* buffer) const {
-    const int32_t* blocks = p_.block_table + static_cast<int64_t>(copy.seq) * p_.block_table_stride;
-    float* k_copy = buffer + copy.offset;
-    float* v_copy = k_copy + copy.kv_tokens * q_ld_;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t offset = static_cast<int64_t>(blocks[t / p_.block_size]) * p_.kv_block_stride +
-                             (t % p_.block_size) * p_.kv_token_stride +
-                             static_cast<int64_t>(copy.kv_head) * p_.kv_head_stride;
-      std::memcpy(k_copy + t * q_ld_, p_.k_cache + offset, sizeof(float) * head_dim_);
-      std::memcpy(v_copy + t * q_ld_, p_.v_cache + offset, sizeof(float) * head_dim_);
+  int64_t head_copy_floats(int64_t kv_tokens, int64_t q_rows) const {
+    return (2 * kv_tokens + q_rows) * q_ld_;
+  }
+
+  // Copies key positions [chunk.begin, chunk.end) of the chunk's heads into their HeadCopy:
+  // keys, values, and the queries of the positions that have one. Each loop reads the heads of
+  // a token in the order they lie in memory.
+  void copy_chunk(const WorkPlan& plan, const CopyChunk& chunk, float* buffer) const {
+    const HeadCopy& first = plan.copies[chunk.first_copy];
+    const int32_t* blocks = p_.block_table + static_cast<int64_t>(first.seq) * p_.block_table_stride;
+    const int64_t q_start = p_.cu_seqlens_q[first.seq];
+    const int64_t q_tokens = first.q_rows / group_;
+    const int64_t first_query_position = first.kv_tokens - q_tokens;
+    const size_t row_bytes = sizeof(float) * static_cast<size_t>(head_dim_);
+    for (int64_t t = chunk.begin; t < chunk.end; ++t) {
+      const int64_t token_offset =
+          static_cast<int64_t>(blocks[t / p_.block_size]) * p_.kv_block_stride +
+          (t % p_.block_size) * p_.kv_token_stride;
+      for (size_t c = chunk.first_copy; c < chunk.end_copy; ++c) {
+        const HeadCopy& copy = plan.copies[c];
+        std::memcpy(buffer + copy.offset + t * q_ld_,
+                    p_.k_cache + token_offset + int64_t{copy.kv_head} * p_.kv_head_stride,
+                    row_bytes);
+      }
+      for (size_t c = chunk.first_copy; c < chunk.end_copy; ++c) {
+        const HeadCopy& copy = plan.copies[c];
+        std::memcpy(buffer + copy.offset + (copy.kv_tokens + t) * q_ld_,
+                    p_.v_cache + token_offset + int64_t{copy.kv_head} * p_.kv_head_stride,
+                    row_bytes);
+      }
+      if (t < first_query_position) continue;
+      const int64_t query = t - first_query_position;
+      const float* q_token = p_.q + (q_start + query) * p_.q_token_stride;
+      for (size_t c = chunk.first_copy; c < chunk.end_copy; ++c) {
+        const HeadCopy& copy = plan.copies[c];
+        float* rows = buffer + copy.offset + (2 * copy.kv_tokens + query * group_) * q_ld_;
+        for (int g = 0; g < group_; ++g) {
+          const int64_t head = int64_t{copy.kv_head} * group_ + g;
+          std::memcpy(rows + g * q_ld_, q_token + head * p_.q_head_stride, row_bytes);
+        }
+      }
     }
   }
 
@@ -433,10 +491,9 @@ class AttentionRunner {
   }
 
   // Rows of a tile are head-major: [kv head of the tile][token][query head of its group].
-  // Keys and values come from the paged cache, or from the head copy k_copy / v_copy (rows of
-  // q_ld_ floats) when the tile belongs to a head group.
-  void run_tile(const WorkItem& item, const WorkerBuffers& buf, const float* k_copy,
-                const float* v_copy) const {
+  // Queries, keys and values come from q and the paged cache, or from the tile's head copy.
+  void run_tile(const WorkItem& item, const WorkerBuffers& buf,
+                const CopiedOperands* copied) const {
     const int64_t d = head_dim_;
     const int head_rows = item.num_tokens * group_;
     const int rows = head_rows * item.num_kv_heads;
@@ -448,13 +505,18 @@ class AttentionRunner {
     const int64_t last_position = first_position + item.num_tokens - 1;
     const int32_t first_head = item.first_kv_head * group_;
 
-    for (int r = 0; r < rows; ++r) {
-      const int64_t token = q_start + item.first_token + (r % head_rows) / group_;
-      const int32_t head = first_head + (r / head_rows) * group_ + r % group_;
-      std::memcpy(buf.q_tile + r * q_ld_,
-                  p_.q + token * p_.q_token_stride + head * p_.q_head_stride, sizeof(float) * d);
+    const float* q_rows = buf.q_tile;
+    if (copied != nullptr) {
+      q_rows = copied->q;
+    } else {
+      for (int r = 0; r < rows; ++r) {
+        const int64_t token = q_start + item.first_token + (r % head_rows) / group_;
+        const int32_t head = first_head + (r / head_rows) * group_ + r % group_;
+        std::memcpy(buf.q_tile + r * q_ld_,
+                    p_.q + token * p_.q_token_stride + head * p_.q_head_stride, sizeof(float) * d);
+      }
     }
-    std::memset(buf.o_acc, 0, sizeof(float) * rows * q_ld_);
+    // o_acc needs no clearing: each head's first block initialises its rows (attend_block).
     std::fill(buf.row_max, buf.row_max + rows, kNegInf);
     std::fill(buf.row_sum, buf.row_sum + rows, 0.f);
 
@@ -470,18 +532,27 @@ class AttentionRunner {
     const int block_limit = item.num_kv_heads > 1 ? kMultiHeadKvBlockTokens : kKvBlockTokens;
 
     for (int64_t kv_start = 0; kv_start < kv_end;) {
-      const int n = k_copy != nullptr
-                        ? static_cast<int>(std::min<int64_t>(block_limit, kv_end - kv_start))
-                        : contiguous_kv_run(blocks, kv_start, kv_end, block_limit);
+      // Tiling-mask, diagonal: in a block that reaches past the tile's first query, the scores
+      // of keys past a row's position are computed and thrown away. Such blocks end at the
+      // first query's position and, past it, hold kDiagonalKvBlockTokens keys, so that the
+      // waste is a staircase of small triangles instead of one triangle of a whole block.
+      int limit = block_limit;
+      if (p_.causal && kv_start + limit - 1 > first_position) {
+        limit = static_cast<int>(std::clamp<int64_t>(first_position + 1 - kv_start,
+                                                     kDiagonalKvBlockTokens, limit));
+      }
+      const int n = copied != nullptr
+                        ? static_cast<int>(std::min<int64_t>(limit, kv_end - kv_start))
+                        : contiguous_kv_run(blocks, kv_start, kv_end, limit);
       // Tiling-mask, full tiles: every key is at or before the earliest query. In a partial
       // tile the rows whose token comes before the block's first key see none of it; they are
       // leading rows of each head, left out of both products (half the diagonal block's work).
       const bool full = !p_.causal || kv_start + n - 1 <= first_position;
       const int skipped_rows =
           full ? 0 : static_cast<int>(std::max<int64_t>(0, kv_start - first_position) * group_);
-      if (k_copy != nullptr) {
-        attend_block(buf, 0, head_rows, skipped_rows, k_copy + kv_start * q_ld_,
-                     v_copy + kv_start * q_ld_, q_ld_, n, kv_start, full, first_position,
+      if (copied != nullptr) {
+        attend_block(buf, q_rows, 0, head_rows, skipped_rows, copied->k + kv_start * q_ld_,
+                     copied->v + kv_start * q_ld_, q_ld_, n, kv_start, full, first_position,
                      score_scale);
       } else {
         const int64_t token_offset =
@@ -490,7 +561,7 @@ class AttentionRunner {
         for (int h = 0; h < item.num_kv_heads; ++h) {
           const int64_t offset =
               token_offset + static_cast<int64_t>(item.first_kv_head + h) * p_.kv_head_stride;
-          attend_block(buf, h * head_rows, head_rows, skipped_rows, p_.k_cache + offset,
+          attend_block(buf, q_rows, h * head_rows, head_rows, skipped_rows, p_.k_cache + offset,
                        p_.v_cache + offset, p_.kv_token_stride, n, kv_start, full,
                        first_position, score_scale);
         }
@@ -517,8 +588,11 @@ class AttentionRunner {
 
   // Rows [skipped_rows, head_rows) of one KV head's rows, which start at tile row head_row0,
   // attend to n keys starting at position kv_start (rows kv_ld floats apart in k and v): scores,
-  // online softmax update, P·V.
-  void attend_block(const WorkerBuffers& buf, int head_row0, int head_rows, int skipped_rows,
+  // online softmax update, P·V. q_rows holds the tile's queries, rows of q_ld_ floats. The
+  // first block (kv_start 0, where every row sees at least key 0, so none is skipped)
+  // initialises o_acc by overwriting it, which spares clearing the tile up front.
+  void attend_block(const WorkerBuffers& buf, const float* q_rows, int head_row0, int head_rows,
+                    int skipped_rows,
                     const float* k, const float* v, int64_t kv_ld, int n, int64_t kv_start,
                     bool full, int64_t first_position, float score_scale) const {
     const int64_t d = head_dim_;
@@ -527,7 +601,7 @@ class AttentionRunner {
     const int active_rows = end_row - first_row;
     if (active_rows <= 0) return;
     float* scores = buf.scores + static_cast<int64_t>(first_row) * kKvBlockTokens;
-    sgemm(false, true, active_rows, n, d, score_scale, buf.q_tile + first_row * q_ld_, q_ld_, k,
+    sgemm(false, true, active_rows, n, d, score_scale, q_rows + first_row * q_ld_, q_ld_, k,
           kv_ld, 0.f, scores, kKvBlockTokens);
 
     for (int r = first_row; r < end_row; ++r) {
@@ -557,7 +631,8 @@ class AttentionRunner {
       }
     }
 
-    sgemm(false, false, active_rows, d, n, 1.f, scores, kKvBlockTokens, v, kv_ld, 1.f,
+    sgemm(false, false, active_rows, d, n, 1.f, scores, kKvBlockTokens, v, kv_ld,
+          kv_start == 0 ? 0.f : 1.f,
           buf.o_acc + first_row * q_ld_, q_ld_);
   }
 
