@@ -198,9 +198,11 @@ struct HeadCopy {
   int32_t kv_head;
   int64_t kv_tokens;  // keys of the sequence; its last tile walks them all
   int64_t q_rows;     // query tokens times the heads of the group
-  // Floats into the copy buffer of [kv_tokens] K rows, then [kv_tokens] V rows, then [q_rows]
-  // query rows ordered like a tile's ([token][query head of the group]); rows of q_ld floats.
-  int64_t offset;
+  // Floats into the copy buffer of [kv_tokens] K rows, [kv_tokens] V rows and [q_rows] query
+  // rows ordered like a tile's ([token][query head of the group]); rows of q_ld floats.
+  int64_t k_offset;
+  int64_t v_offset;
+  int64_t q_offset;
 };
 
 // Keys [begin, end) of consecutive head copies of one sequence (with the queries at those
@@ -238,6 +240,10 @@ struct WorkPlan {
 constexpr int64_t kWaveCopyBytes = int64_t{32} << 20;
 // Key positions per unit of the parallel copy.
 constexpr int kCopyChunkTokens = 32;
+// Gap after each region of a head copy, 9 cache lines. Regions are whole pages long for usual
+// sizes, so without it the copy's writes of one token (a row in every region of every head) all
+// fall into the same cache sets.
+constexpr int64_t kCopySkewFloats = 9 * 16;
 
 // Memory of the calling thread's calls, kept from call to call: freshly allocated, the head
 // copies' tens of MiB would be mapped, page-faulted and zeroed by the kernel on every call,
@@ -323,10 +329,9 @@ class AttentionRunner {
              i < static_cast<int64_t>(wave.end_item); ++i) {
           const WorkItem& item = plan.items[static_cast<size_t>(i)];
           const HeadCopy& copy = plan.copies[static_cast<size_t>(item.head_copy)];
-          const float* k = copy_buffer + copy.offset;
-          const float* v = k + copy.kv_tokens * q_ld_;
-          const float* q = v + copy.kv_tokens * q_ld_;
-          const CopiedOperands operands{q + int64_t{item.first_token} * group_ * q_ld_, k, v};
+          const CopiedOperands operands{
+              copy_buffer + copy.q_offset + int64_t{item.first_token} * group_ * q_ld_,
+              copy_buffer + copy.k_offset, copy_buffer + copy.v_offset};
           run_tile(item, buffers, &operands);
         }
       }
@@ -370,7 +375,7 @@ class AttentionRunner {
       for (int32_t head = 0; head < p_.num_kv_heads; head += heads_per_tile) {
         const int32_t heads = std::min(heads_per_tile, p_.num_kv_heads - head);
         const int32_t head_copy = copy_heads ? static_cast<int32_t>(plan.copies.size()) : -1;
-        if (copy_heads) plan.copies.push_back({seq, head, kv_len, q_rows, 0});
+        if (copy_heads) plan.copies.push_back({seq, head, kv_len, q_rows, 0, 0, 0});
         for (int32_t first = 0; first < q_len; first += tile_tokens) {
           const int32_t count = std::min(tile_tokens, q_len - first);
           const int64_t last_position = kv_len - q_len + first + count - 1;
@@ -400,7 +405,9 @@ class AttentionRunner {
         if (end_copy > first_copy && (offset + floats) * int64_t{sizeof(float)} > kWaveCopyBytes) {
           break;
         }
-        copy.offset = offset;
+        copy.k_offset = offset;
+        copy.v_offset = copy.k_offset + copy.kv_tokens * q_ld_ + kCopySkewFloats;
+        copy.q_offset = copy.v_offset + copy.kv_tokens * q_ld_ + kCopySkewFloats;
         offset += floats;
         ++end_copy;
       }
@@ -431,7 +438,7 @@ class AttentionRunner {
   }
 
   int64_t head_copy_floats(int64_t kv_tokens, int64_t q_rows) const {
-    return (2 * kv_tokens + q_rows) * q_ld_;
+    return (2 * kv_tokens + q_rows) * q_ld_ + 3 * kCopySkewFloats;
   }
 
   // Copies key positions [chunk.begin, chunk.end) of the chunk's heads into their HeadCopy:
@@ -450,13 +457,13 @@ class AttentionRunner {
           (t % p_.block_size) * p_.kv_token_stride;
       for (size_t c = chunk.first_copy; c < chunk.end_copy; ++c) {
         const HeadCopy& copy = plan.copies[c];
-        std::memcpy(buffer + copy.offset + t * q_ld_,
+        std::memcpy(buffer + copy.k_offset + t * q_ld_,
                     p_.k_cache + token_offset + int64_t{copy.kv_head} * p_.kv_head_stride,
                     row_bytes);
       }
       for (size_t c = chunk.first_copy; c < chunk.end_copy; ++c) {
         const HeadCopy& copy = plan.copies[c];
-        std::memcpy(buffer + copy.offset + (copy.kv_tokens + t) * q_ld_,
+        std::memcpy(buffer + copy.v_offset + t * q_ld_,
                     p_.v_cache + token_offset + int64_t{copy.kv_head} * p_.kv_head_stride,
                     row_bytes);
       }
@@ -465,7 +472,7 @@ class AttentionRunner {
       const float* q_token = p_.q + (q_start + query) * p_.q_token_stride;
       for (size_t c = chunk.first_copy; c < chunk.end_copy; ++c) {
         const HeadCopy& copy = plan.copies[c];
-        float* rows = buffer + copy.offset + (2 * copy.kv_tokens + query * group_) * q_ld_;
+        float* rows = buffer + copy.q_offset + query * group_ * q_ld_;
         for (int g = 0; g < group_; ++g) {
           const int64_t head = int64_t{copy.kv_head} * group_ + g;
           std::memcpy(rows + g * q_ld_, q_token + head * p_.q_head_stride, row_bytes);
