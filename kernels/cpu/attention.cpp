@@ -130,6 +130,20 @@ float exp2_shifted_sum(float* row, int n, float max) {
   }
   return _mm512_reduce_add_ps(sum);
 }
+// For n rows: running_max = max(running_max, block_max) and, in block_max's place, the
+// correction exp2(old running max - new running max) of the row's old state. The correction is 0
+// for a row that had no key yet (old max -inf); a row that still has none gets max -inf.
+void update_running_max(float* running_max, float* block_max, int n) {
+  for (int j = 0; j < n; j += kSimdFloats) {
+    const __mmask16 lanes = n - j >= kSimdFloats ? __mmask16{0xffff} : tail_mask(n);
+    const __m512 old_max = _mm512_maskz_loadu_ps(lanes, running_max + j);
+    const __m512 new_max = _mm512_max_ps(old_max, _mm512_maskz_loadu_ps(lanes, block_max + j));
+    _mm512_mask_storeu_ps(running_max + j, lanes, new_max);
+    // -inf - x and -inf - -inf (NaN) both fail exp2_nonpositive's x >= -126 test: 0.
+    _mm512_mask_storeu_ps(block_max + j, lanes,
+                          exp2_nonpositive(_mm512_sub_ps(old_max, new_max)));
+  }
+}
 #else
 // The row loops below work on sub-blocks of kSimdFloats scores with per-lane accumulators, so
 // that each sub-block lives in registers. (An `omp simd reduction` loop was left scalar by gcc 12
@@ -166,6 +180,17 @@ float exp2_shifted_sum(float* row, int n, float max) {
   }
   for (int l = 0; l < kSimdFloats; ++l) sum += lanes[l];
   return sum;
+}
+
+// For n rows: running_max = max(running_max, block_max) and, in block_max's place, the
+// correction exp2(old running max - new running max) of the row's old state. The correction is 0
+// for a row that had no key yet (old max -inf); a row that still has none gets max -inf.
+void update_running_max(float* running_max, float* block_max, int n) {
+  for (int r = 0; r < n; ++r) {
+    const float old_max = running_max[r];
+    running_max[r] = std::max(old_max, block_max[r]);
+    block_max[r] = old_max == kNegInf ? 0.f : exp2_nonpositive(old_max - running_max[r]);
+  }
 }
 
 #endif  // __AVX512F__
@@ -267,6 +292,7 @@ struct WorkerBuffers {
   float* o_acc;    // [rows][q_ld]; unnormalised output
   float* row_max;  // [rows], log2 units
   float* row_sum;  // [rows]
+  float* correction;  // [rows]; per block: block max, then exp2(old max - new max)
 };
 
 // A tile's operands in its head copy: its first query row, the head's keys and values.
@@ -295,7 +321,7 @@ class AttentionRunner {
     const int64_t q_floats = round_up(rows * q_ld_, kSimdFloats);
     const int64_t score_floats = rows * kKvBlockTokens;
     const int64_t stats_floats = round_up(rows, kSimdFloats);
-    const int64_t worker_floats = 2 * q_floats + score_floats + 2 * stats_floats;
+    const int64_t worker_floats = 2 * q_floats + score_floats + 3 * stats_floats;
     // Allocated before the parallel region: an exception thrown inside it would terminate.
     float* const copy_buffer = call_workspace(plan.copy_buffer_floats + worker_floats * threads);
     float* const scratch = copy_buffer + plan.copy_buffer_floats;
@@ -309,7 +335,8 @@ class AttentionRunner {
       float* base = scratch + worker_floats * omp_get_thread_num();
       WorkerBuffers buffers{base, base + q_floats, base + q_floats + score_floats,
                             base + 2 * q_floats + score_floats,
-                            base + 2 * q_floats + score_floats + stats_floats};
+                            base + 2 * q_floats + score_floats + stats_floats,
+                            base + 2 * q_floats + score_floats + 2 * stats_floats};
       // No barrier after the direct tiles: a thread done with them starts on the copies.
 #pragma omp for schedule(dynamic, 1) nowait
       for (int64_t i = 0; i < static_cast<int64_t>(plan.direct_items); ++i) {
@@ -611,29 +638,39 @@ class AttentionRunner {
     sgemm(false, true, active_rows, n, d, score_scale, q_rows + first_row * q_ld_, q_ld_, k,
           kv_ld, 0.f, scores, kKvBlockTokens);
 
+    // Partial tiles: the mask is generated from indices, as the count of leading keys a row may
+    // see; the masked tail gets probability 0.
+    const auto visible_keys = [&](int r) {
+      if (full) return n;
+      const int64_t position = first_position + (r - head_row0) / group_;
+      return static_cast<int>(std::clamp<int64_t>(position - kv_start + 1, 0, n));
+    };
+    // The online softmax in three passes, so that the per-row bookkeeping (new running max and
+    // the factor that rescales the old state) runs 16 rows per instruction instead of as a
+    // scalar exp2 per row. Pass 1: each row's block max, kept in buf.correction for now.
     for (int r = first_row; r < end_row; ++r) {
       float* score_row = buf.scores + static_cast<int64_t>(r) * kKvBlockTokens;
-      // Partial tiles: the mask is generated from indices, as the count of leading keys this
-      // row may see; the masked tail gets probability 0.
-      int visible = n;
-      if (!full) {
-        const int64_t position = first_position + (r - head_row0) / group_;
-        visible = static_cast<int>(std::clamp<int64_t>(position - kv_start + 1, 0, n));
-        std::fill(score_row + visible, score_row + n, 0.f);
-      }
-      const float old_max = buf.row_max[r];
-      const float new_max = std::max(old_max, row_max(score_row, visible));
+      const int visible = visible_keys(r);
+      std::fill(score_row + visible, score_row + n, 0.f);
+      buf.correction[r] = row_max(score_row, visible);
+    }
+    // Pass 2: running max and correction exp2(old max - new max) of every row.
+    update_running_max(buf.row_max + first_row, buf.correction + first_row, active_rows);
+    // Pass 3: probabilities, their sums, and the rescaled accumulators.
+    for (int r = first_row; r < end_row; ++r) {
+      float* score_row = buf.scores + static_cast<int64_t>(r) * kKvBlockTokens;
+      const int visible = visible_keys(r);
+      const float new_max = buf.row_max[r];
       if (new_max == kNegInf) {
-        // No key visible yet: nothing to accumulate, and exp2(-inf - -inf) would be NaN.
+        // No key visible yet: nothing to accumulate.
         std::fill(score_row, score_row + visible, 0.f);
         continue;
       }
-      const float correction = exp2_nonpositive(old_max - new_max);
-      const float sum = exp2_shifted_sum(score_row, visible, new_max);
-      buf.row_max[r] = new_max;
-      buf.row_sum[r] = buf.row_sum[r] * correction + sum;
-      // The accumulator is still zero before a row's first key, so it needs no rescale.
-      if (old_max != kNegInf && correction != 1.f) {
+      const float correction = buf.correction[r];
+      buf.row_sum[r] = buf.row_sum[r] * correction + exp2_shifted_sum(score_row, visible, new_max);
+      // Before the first block the accumulator holds nothing (that block's product overwrites
+      // it), so only later blocks rescale it.
+      if (kv_start != 0 && correction != 1.f) {
         scale_row(buf.o_acc + r * q_ld_, static_cast<int>(d), correction);
       }
     }
