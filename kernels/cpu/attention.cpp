@@ -106,7 +106,9 @@ float row_max(const float* row, int n) {
   const __m512 neg_inf = _mm512_set1_ps(kNegInf);
   __m512 lanes = neg_inf;
   int j = 0;
-  for (; j + kSimdFloats <= n; j += kSimdFloats) lanes = _mm512_max_ps(lanes, _mm512_loadu_ps(row + j));
+  for (; j + kSimdFloats <= n; j += kSimdFloats) {
+    lanes = _mm512_max_ps(lanes, _mm512_loadu_ps(row + j));
+  }
   if (j < n) lanes = _mm512_max_ps(lanes, _mm512_mask_loadu_ps(neg_inf, tail_mask(n), row + j));
   return _mm512_reduce_max_ps(lanes);
 }
@@ -130,6 +132,7 @@ float exp2_shifted_sum(float* row, int n, float max) {
   }
   return _mm512_reduce_add_ps(sum);
 }
+
 // For n rows: running_max = max(running_max, block_max) and, in block_max's place, the
 // correction exp2(old running max - new running max) of the row's old state. The correction is 0
 // for a row that had no key yet (old max -inf); a row that still has none gets max -inf.
@@ -279,6 +282,7 @@ float* call_workspace(int64_t floats) {
   thread_local int64_t capacity = 0;
   if (capacity < floats) {
     buffer.reset();  // frees the old one first
+    capacity = 0;    // stays right if the allocation throws
     buffer.reset(new float[static_cast<size_t>(floats)]);
     capacity = floats;
   }
@@ -473,7 +477,8 @@ class AttentionRunner {
   // a token in the order they lie in memory.
   void copy_chunk(const WorkPlan& plan, const CopyChunk& chunk, float* buffer) const {
     const HeadCopy& first = plan.copies[chunk.first_copy];
-    const int32_t* blocks = p_.block_table + static_cast<int64_t>(first.seq) * p_.block_table_stride;
+    const int32_t* blocks =
+        p_.block_table + static_cast<int64_t>(first.seq) * p_.block_table_stride;
     const int64_t q_start = p_.cu_seqlens_q[first.seq];
     const int64_t q_tokens = first.q_rows / group_;
     const int64_t first_query_position = first.kv_tokens - q_tokens;
