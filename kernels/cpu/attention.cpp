@@ -685,8 +685,8 @@ class AttentionRunner {
       }
     }
 
-    sgemm(false, false, active_rows, d, n, 1.f, scores, kKvBlockTokens, v, kv_ld,
-          kv_start == 0 ? 0.f : 1.f,
+    const float keep_accumulator = kv_start == 0 ? 0.f : 1.f;  // sgemm's beta
+    sgemm(false, false, active_rows, d, n, 1.f, scores, kKvBlockTokens, v, kv_ld, keep_accumulator,
           buf.o_acc + first_row * q_ld_, q_ld_);
   }
 
