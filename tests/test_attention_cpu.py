@@ -190,6 +190,16 @@ def test_contiguous_blocks_merge_across_pages():
     run_and_check(case, [300], [700], causal=True)
 
 
+def test_prefill_head_copies_in_several_waves():
+    # Prefill tiles of a KV head with 8 or more tiles (128 tokens of 4 heads each here) read a
+    # contiguous copy of the head, made a 32 MiB wave at a time: 16 heads of ~3.3 MiB (K, V and
+    # the group's queries) need two waves, the first spanning both sequences; a chunk (q_len <
+    # kv_len) places the queries' copy after its first keys.
+    q_lens, kv_lens = [1100, 1030], [1100, 1200]
+    case = make_case(q_lens, kv_lens, 32, 8, 128, 64, seed=3)
+    run_and_check(case, q_lens, kv_lens, causal=True)
+
+
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
 def test_thread_counts_agree(num_threads):
     case = make_case([97, 1], [200, 400], 8, 2, 64, 16, seed=11)
