@@ -20,5 +20,5 @@ export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 TESTS="$PWD/tests"
 (ROOT=$PWD; cd /tmp && PYTHONPATH="$ROOT/$BUILD/pkg" python -m pytest -q -p no:cacheprovider \
-  "$TESTS/test_attention_cpu.py" "$TESTS/test_kernels_cpu.py" "$TESTS/test_llama_model.py" \
+  "$TESTS/test_attention_cpu.py" "$TESTS/test_attention_tiers.py" "$TESTS/test_kernels_cpu.py" "$TESTS/test_llama_model.py" \
   "$TESTS/test_bad_input.py" "$TESTS/test_gguf_model.py" -x)

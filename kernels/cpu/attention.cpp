@@ -735,10 +735,13 @@ std::string attention_unsupported_reason(const AttentionParams& p) {
              std::to_string(p.cu_seqlens_q[seq + 1]) + ") is below entry " + std::to_string(seq) +
              " (" + std::to_string(p.cu_seqlens_q[seq]) + ")";
     }
-    if (q_len > kv_len) {
+    // Causal attention places the queries at the last q_len cached positions. Without a mask
+    // positions play no part, so a query block may outnumber the keys (the cooperative path's
+    // host tier holds an older prefix that every query of the step sees whole).
+    if (p.causal && q_len > kv_len) {
       return "sequence " + std::to_string(seq) + " has " + std::to_string(q_len) +
              " queries but only " + std::to_string(kv_len) +
-             " KV tokens; its queries must be the last of its cached tokens";
+             " KV tokens; with a causal mask its queries must be the last of its cached tokens";
     }
   }
   return "";

@@ -43,7 +43,8 @@ struct AttentionParams {
 
   // Sequence seq owns query tokens [cu_seqlens_q[seq], cu_seqlens_q[seq + 1]) and has
   // seqlens_kv[seq] tokens in the cache, this step's included: its queries are the last
-  // q_len positions, so query i sits at position seqlens_kv[seq] - q_len + i.
+  // q_len positions, so query i sits at position seqlens_kv[seq] - q_len + i (causal only:
+  // without a mask every query sees every cached token and q_len may exceed seqlens_kv).
   const int32_t* cu_seqlens_q = nullptr;  // [batch + 1]
   const int32_t* seqlens_kv = nullptr;    // [batch]
   int32_t batch = 0;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kernels/cpu/attention.h"
+#include "kernels/cpu/attention_merge.h"
 
 namespace py = pybind11;
 
@@ -136,11 +137,12 @@ std::tuple<py::array_t<float>, py::array_t<float>> attention_cpu(
           "]");
     }
     const int64_t q_len = static_cast<int64_t>(cu[seq + 1]) - cu[seq];
-    if (q_len > kv_len) {
+    if (causal && q_len > kv_len) {
       throw std::invalid_argument("sequence " + std::to_string(seq) + " has " +
                                   std::to_string(q_len) +
                                   " query tokens but seqlens_kv = " + std::to_string(kv_len) +
-                                  "; the queries must be the last tokens of the cache");
+                                  "; with causal=True the queries must be the last tokens of "
+                                  "the cache");
     }
     // Only the blocks that hold this sequence's tokens are read; the rest of the row is
     // padding and may hold anything.
@@ -194,9 +196,44 @@ std::tuple<py::array_t<float>, py::array_t<float>> attention_cpu(
   return {out, lse};
 }
 
+// Merges (out, lse) partials of the same queries over disjoint key sets.
+std::tuple<py::array_t<float>, py::array_t<float>> merge_attention_cpu(const py::list& outs,
+                                                                       const py::list& lses) {
+  if (outs.size() == 0 || outs.size() != lses.size()) {
+    throw std::invalid_argument("merge_attention_cpu needs as many lse arrays as outputs (>= 1)");
+  }
+  std::vector<py::array> out_arrays, lse_arrays;
+  std::vector<const float*> out_pointers, lse_pointers;
+  for (size_t p = 0; p < outs.size(); ++p) {
+    out_arrays.push_back(outs[p].cast<py::array>());
+    lse_arrays.push_back(lses[p].cast<py::array>());
+    check_array<float>(out_arrays.back(), "outs[i]", 3, "float32");
+    check_array<float>(lse_arrays.back(), "lses[i]", 2, "float32");
+    for (int d = 0; d < 3; ++d) {
+      check_dim(out_arrays.back(), "outs[i]", d, out_arrays.front().shape(d), "that of outs[0]");
+    }
+    for (int d = 0; d < 2; ++d) {
+      check_dim(lse_arrays.back(), "lses[i]", d, out_arrays.front().shape(d), "outs[0]'s");
+    }
+    out_pointers.push_back(static_cast<const float*>(out_arrays.back().data()));
+    lse_pointers.push_back(static_cast<const float*>(lse_arrays.back().data()));
+  }
+  const auto& first = out_arrays.front();
+  py::array_t<float> out({first.shape(0), first.shape(1), first.shape(2)});
+  py::array_t<float> lse({first.shape(0), first.shape(1)});
+  ftengine::kernels::cpu::merge_attention_partials(
+      out_pointers.data(), lse_pointers.data(), static_cast<int>(outs.size()),
+      first.shape(0) * first.shape(1), static_cast<int32_t>(first.shape(2)), out.mutable_data(),
+      lse.mutable_data());
+  return {out, lse};
+}
+
 }  // namespace
 
 void bind_kernels(py::module_& m) {
+  m.def("merge_attention_cpu", &merge_attention_cpu, py::arg("outs"), py::arg("lses"),
+        "Merges attention outputs [T, H, D] and log-sum-exps [T, H] computed over disjoint key "
+        "sets of the same queries (the cooperative path's tiers) into one (out, lse).");
   m.def("attention_cpu", &attention_cpu, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("block_table"), py::arg("cu_seqlens_q"), py::arg("seqlens_kv"),
         py::arg("softmax_scale"), py::arg("causal"), py::arg("num_threads") = 0,
