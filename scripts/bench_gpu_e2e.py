@@ -1,5 +1,6 @@
-"""End-to-end GPU benchmark: a Llama-7B-shape model with random bf16 weights, ftengine's CUDA
-backend against transformers (eager and sdpa attention) in the same process on the same card.
+"""End-to-end GPU benchmark: a Llama-7B-shape model (or openPangu-Embedded-7B, --shape) with
+random bf16 weights, ftengine's CUDA backend against transformers (eager and sdpa attention) in
+the same process on the same card.
 
 Reports batch-1 decode tokens/s against the memory-bandwidth bound (weight bytes over the
 measured device-to-device copy rate), batch 16 and 64 decode, and 2K-token prefill latency.
@@ -22,6 +23,12 @@ import torch
 from ftengine import _C
 from ftengine.config import ModelConfig
 
+# Model shapes: Llama-2-7B, and openPangu-Embedded-7B (its published config: GQA 32/8, bias on
+# q/k/v/o, 153k vocabulary, rope_theta 1.6e7, 34 layers).
+OPENPANGU_7B = dict(architecture="PanguEmbeddedForCausalLM", vocab_size=153376, hidden_size=4096,
+                    intermediate_size=12800, num_layers=34, num_heads=32, num_kv_heads=8,
+                    head_dim=128, max_position_embeddings=32768, norm_eps=1e-5,
+                    rope_theta=16000000.0, attention_bias=True)
 LLAMA_7B = dict(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=4096,
                 intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
                 head_dim=128, max_position_embeddings=4096, norm_eps=1e-5)
@@ -51,7 +58,9 @@ def build_runtime(config: ModelConfig, batch: int, kv_tokens: int):
     generator = torch.Generator(device="cuda").manual_seed(0)
     for name, shape, *_ in _C.expected_weights(native):
         if len(shape) == 1:
-            runtime.add_weight(name, np.ones(shape, dtype=np.float32), "float32")
+            # Norm weights 1, biases 0: a stable residual stream whatever the random matrices.
+            vector = np.zeros if name.endswith("bias") else np.ones
+            runtime.add_weight(name, vector(shape, dtype=np.float32), "float32")
             continue
         weight = torch.randn(shape, generator=generator, device="cuda", dtype=torch.bfloat16)
         weight *= 0.02
@@ -175,50 +184,59 @@ def transformers_numbers(config, cases, prefill_len, attention):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["quick", "full"], default="full",
-                        help="quick: 4 layers and short runs; full: the 32-layer model")
+                        help="quick: 4 layers and short runs; full: the whole model")
     parser.add_argument("--out", default="bench_results", help="folder for the JSON")
     parser.add_argument("--profile", action="store_true",
                         help="also print where batch-1 decode time goes, kernel by kernel")
     parser.add_argument("--skip-peers", action="store_true",
                         help="measure ftengine only (no transformers runs)")
+    parser.add_argument("--shape", choices=["llama-7b", "openpangu-7b"], default="llama-7b",
+                        help="model shape with random bf16 weights (openpangu-7b: no peers)")
     args = parser.parse_args()
     if not (torch.cuda.is_available() and _C.has_cuda):
         print("needs a GPU and a CUDA build of ftengine", file=sys.stderr)
         return 1
     quick = args.size == "quick"
-    config = ModelConfig(**{**LLAMA_7B, "num_layers": 4 if quick else 32})
+    shape = {"llama-7b": LLAMA_7B, "openpangu-7b": OPENPANGU_7B}[args.shape]
+    config = ModelConfig(**{**shape, **({"num_layers": 4} if quick else {})})
+    # transformers has no openPangu-Embedded class of its own: that shape runs without peers.
+    peers = not args.skip_peers and args.shape == "llama-7b"
     cases = [(1, 128, 32), (16, 128, 32)] if quick else [(1, 128, 128), (16, 128, 128),
                                                          (64, 128, 128)]
     weight_bytes = 2 * config.parameter_count()
     bandwidth = copy_bandwidth()
-    result = {"device": torch.cuda.get_device_name(), "layers": config.num_layers,
-              "weight_gb": weight_bytes / 1e9, "copy_bandwidth_tb_s": bandwidth / 1e12,
+    result = {"device": torch.cuda.get_device_name(), "shape": args.shape,
+              "layers": config.num_layers, "weight_gb": weight_bytes / 1e9,
+              "copy_bandwidth_tb_s": bandwidth / 1e12,
               "bound_tokens_per_s": bandwidth / weight_bytes}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result["ftengine"] = ftengine_numbers(config, cases, 2048, out if args.profile else None)
     ours = result["ftengine"]["batch1"]["decode_tokens_per_s"]
-    print(f"batch-1 decode: {ours:.1f} tok/s = {ours / result['bound_tokens_per_s']:.0%} of the "
-          f"bandwidth bound ({result['bound_tokens_per_s']:.0f} tok/s)")
-    if args.skip_peers:
-        return 0
-    for attention in ("eager", "sdpa"):
-        result[f"transformers_{attention}"] = transformers_numbers(config, cases, 2048, attention)
     result["batch1_fraction_of_bound"] = ours / result["bound_tokens_per_s"]
-    for batch, _, _ in cases:
-        key = f"batch{batch}"
+    print(f"{args.shape} batch-1 decode: {ours:.1f} tok/s = "
+          f"{ours / result['bound_tokens_per_s']:.0%} of the bandwidth bound "
+          f"({result['bound_tokens_per_s']:.0f} tok/s); 2K prefill "
+          f"{result['ftengine']['prefill_2k_ms']:.1f} ms")
+    if peers:
         for attention in ("eager", "sdpa"):
-            peer = result[f"transformers_{attention}"][key]["total_tokens_per_s"]
-            result["ftengine"][key][f"vs_transformers_{attention}"] = (
-                result["ftengine"][key]["total_tokens_per_s"] / peer)
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=1))
-    for batch, _, _ in cases:
-        f = result["ftengine"][f"batch{batch}"]
-        print(f"batch {batch}: {f['total_tokens_per_s']:.1f} tok/s end to end, "
-              f"{f['vs_transformers_eager']:.2f}x eager, {f['vs_transformers_sdpa']:.2f}x sdpa")
-    print(f"2K prefill: ftengine {result['ftengine']['prefill_2k_ms']:.1f} ms, transformers "
-          f"sdpa {result['transformers_sdpa']['prefill_2k_ms']:.1f} ms")
-    (out / "bench_gpu_e2e.json").write_text(json.dumps(result, indent=1))
+            result[f"transformers_{attention}"] = transformers_numbers(config, cases, 2048,
+                                                                       attention)
+        for batch, _, _ in cases:
+            key = f"batch{batch}"
+            for attention in ("eager", "sdpa"):
+                peer = result[f"transformers_{attention}"][key]["total_tokens_per_s"]
+                result["ftengine"][key][f"vs_transformers_{attention}"] = (
+                    result["ftengine"][key]["total_tokens_per_s"] / peer)
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=1))
+        for batch, _, _ in cases:
+            f = result["ftengine"][f"batch{batch}"]
+            print(f"batch {batch}: {f['total_tokens_per_s']:.1f} tok/s end to end, "
+                  f"{f['vs_transformers_eager']:.2f}x eager, {f['vs_transformers_sdpa']:.2f}x sdpa")
+        print(f"2K prefill: ftengine {result['ftengine']['prefill_2k_ms']:.1f} ms, transformers "
+              f"sdpa {result['transformers_sdpa']['prefill_2k_ms']:.1f} ms")
+    suffix = "" if args.shape == "llama-7b" else f"_{args.shape}"
+    (out / f"bench_gpu_e2e{suffix}.json").write_text(json.dumps(result, indent=1))
     return 0
 
 

@@ -72,9 +72,10 @@ fi
 
 if [[ " $STAGES " == *" bench "* ]]; then
   echo "== benchmarks"
-  for bench in scripts/bench_gpu_attention.py scripts/bench_gpu_e2e.py; do
-    [[ -e "$bench" ]] || continue
-    "$PYTHON" "$bench" --size "${GPU_BENCH:-full}" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" |
+  for bench in "scripts/bench_gpu_attention.py" "scripts/bench_gpu_e2e.py" \
+               "scripts/bench_gpu_e2e.py --shape openpangu-7b"; do
+    # shellcheck disable=SC2086
+    "$PYTHON" $bench --size "${GPU_BENCH:-full}" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" |
       tail -n 40
     [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
   done
