@@ -110,6 +110,14 @@ class Backend {
   virtual void rotary_cache_write(const Tensor& qkv, const ForwardBatch& batch,
                                   const AttentionShape& shape, const RotaryArgs& rotary,
                                   Tensor& q_out, const LayerKvCache& cache) = 0;
+  // Empty when attention() can run a model of this shape over blocks of block_size slots, else
+  // why not: checked when a model is built, so a model the kernels cannot serve fails at load
+  // with the reason rather than at its first prompt.
+  virtual std::string attention_unsupported_reason(const AttentionShape& /*shape*/,
+                                                   int32_t /*block_size*/) const {
+    return "";
+  }
+
   // FastAttention over the paged cache for every sequence of the batch (prefill, chunked
   // prefill and decode alike). lse may be null.
   virtual void attention(const Tensor& q, const ForwardBatch& batch, const AttentionShape& shape,

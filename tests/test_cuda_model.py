@@ -227,5 +227,10 @@ def test_cuda_errors_are_clear(tmp_path):
         Engine.from_pretrained(tmp_path, device="cuda", dtype="float32", progress=False)
     with pytest.raises(FtengineError, match="not available"):
         Engine.from_pretrained(tmp_path, device="cuda:x", progress=False)
+    # A head size the GPU kernels do not serve fails at load, naming the reason.
+    odd = tmp_path / "hd80"
+    make_tiny_llama(odd, "head_dim_80", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="cannot run on cuda.*head_dim"):
+        Engine.from_pretrained(odd, device="cuda", progress=False, kv_cache_tokens=1024)
     with pytest.raises(ValueError, match="unknown attention kernel"):
         Engine.from_pretrained(tmp_path, device="cuda", progress=False, attention_kernel="sm1")

@@ -67,66 +67,25 @@ CublasLtGemm::Plan& CublasLtGemm::plan(const Key& key) {
                    preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_,
                    sizeof(workspace_bytes_)),
                "cublasLtMatmulPreferenceSetAttribute");
-  cublasLtMatmulHeuristicResult_t results[kCandidates]{};
+  // The heuristic's first choice, not the fastest of its candidates by timing: timing them
+  // (tried: 8 candidates for products of <= 64 rows) gained nothing on the H100's decode
+  // (docs/PERFORMANCE.md) and would make results depend on which engine timed what.
+  cublasLtMatmulHeuristicResult_t result{};
   int found_count = 0;
   const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
-      handle_, p.operation, p.a, p.b, p.d, p.d, preference, kCandidates, results, &found_count);
+      handle_, p.operation, p.a, p.b, p.d, p.d, preference, 1, &result, &found_count);
   cublasLtMatmulPreferenceDestroy(preference);
-  if (status == CUBLAS_STATUS_SUCCESS) {
-    for (int i = 0; i < found_count; ++i) {
-      if (results[i].state == CUBLAS_STATUS_SUCCESS) p.candidates.push_back(results[i].algo);
-    }
-  }
-  if (!p.candidates.empty()) {
-    p.algorithm = p.candidates.front();
+  if (status == CUBLAS_STATUS_SUCCESS && found_count > 0) {
+    p.algorithm = result.algo;
     p.has_algorithm = true;
   }
-  return plans_.emplace(key, std::move(p)).first->second;
-}
-
-// Decode-sized products (a few rows against a whole weight matrix) are pure weight streaming,
-// and the heuristic's first choice is not always the fastest at it: time each candidate on the
-// real operands once and keep the best. Not while a CUDA graph is being recorded (nothing runs
-// then; the eager step before a recording has tuned its shapes already).
-void CublasLtGemm::tune(Plan& p, const void* x, const void* weight, void* out,
-                        cudaStream_t stream) {
-  p.tuned = true;
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  check_cuda(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
-  if (capture != cudaStreamCaptureStatusNone || p.candidates.size() < 2) return;
-  cudaEvent_t start = nullptr, stop = nullptr;
-  check_cuda(cudaEventCreate(&start), "cudaEventCreate");
-  check_cuda(cudaEventCreate(&stop), "cudaEventCreate");
-  const float alpha = 1.f, beta = 0.f;
-  float best = 0.f;
-  for (const cublasLtMatmulAlgo_t& candidate : p.candidates) {
-    float total = 0.f;
-    bool ok = true;
-    for (int repeat = 0; repeat < 4 && ok; ++repeat) {
-      cudaEventRecord(start, stream);
-      ok = cublasLtMatmul(handle_, p.operation, &alpha, weight, p.a, x, p.b, &beta, out, p.d,
-                          out, p.d, &candidate, workspace_, workspace_bytes_,
-                          stream) == CUBLAS_STATUS_SUCCESS;
-      cudaEventRecord(stop, stream);
-      cudaEventSynchronize(stop);
-      float milliseconds = 0.f;
-      cudaEventElapsedTime(&milliseconds, start, stop);
-      if (repeat > 0) total += milliseconds;  // the first run warms caches and modules
-    }
-    if (ok && (best == 0.f || total < best)) {
-      best = total;
-      p.algorithm = candidate;
-    }
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
+  return plans_.emplace(key, p).first->second;
 }
 
 void CublasLtGemm::linear(const void* x, const void* weight, void* out, int64_t m, int64_t n,
                           int64_t k, DType input, DType output, cudaStream_t stream) {
   if (m == 0 || n == 0) return;
   Plan& p = plan({m, n, k, static_cast<int>(input), static_cast<int>(output)});
-  if (!p.tuned && m <= kTunedRows) tune(p, x, weight, out, stream);
   const float alpha = 1.f, beta = 0.f;
   check_cublas(cublasLtMatmul(handle_, p.operation, &alpha, weight, p.a, x, p.b, &beta, out, p.d,
                               out, p.d, p.has_algorithm ? &p.algorithm : nullptr, workspace_,

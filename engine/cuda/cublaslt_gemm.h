@@ -9,7 +9,6 @@
 #include <cstdint>
 #include <map>
 #include <tuple>
-#include <vector>
 
 #include "engine/dtype.h"
 
@@ -31,12 +30,7 @@ class CublasLtGemm {
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
     cublasLtMatmulAlgo_t algorithm{};
     bool has_algorithm = false;
-    std::vector<cublasLtMatmulAlgo_t> candidates;  // the heuristic's, best guess first
-    bool tuned = false;
   };
-  static constexpr int kCandidates = 8;
-  static constexpr int64_t kTunedRows = 64;  // products with at most this many rows are timed
-  void tune(Plan& p, const void* x, const void* weight, void* out, cudaStream_t stream);
   using Key = std::tuple<int64_t, int64_t, int64_t, int, int>;
   Plan& plan(const Key& key);
 

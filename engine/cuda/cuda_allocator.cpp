@@ -45,6 +45,11 @@ void* CachingDeviceAllocator::allocate(size_t bytes) {
     release_cached();
     status = cudaMalloc(&pointer, size);
   }
+  if (status != cudaSuccess && status != cudaErrorMemoryAllocation) {
+    // Not a lack of memory: most often an earlier kernel's fault, reported by the next call.
+    throw std::runtime_error(std::string("CUDA error while allocating memory: ") +
+                             cudaGetErrorString(status));
+  }
   if (status != cudaSuccess) {
     cudaGetLastError();
     size_t free_bytes = 0, total_bytes = 0;

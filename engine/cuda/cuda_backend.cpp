@@ -108,6 +108,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor zeros(Shape shape, DType dtype) override {
+    activate();
     Tensor tensor = empty(std::move(shape), dtype);
     check_cuda(cudaMemsetAsync(tensor.raw(), 0, tensor.nbytes(), stream_), "cudaMemsetAsync");
     return tensor;
@@ -122,6 +123,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor from_host(const void* data, Shape shape, DType source, DType stored) override {
+    activate();
     require(source == DType::kFloat32 || source == DType::kBFloat16,
             "weights arrive as float32 or bfloat16");
     // Matrices in the activation type (the tensor cores' operands); vectors stay float32 for
@@ -146,6 +148,7 @@ class CudaBackend final : public Backend {
   }
 
   void to_host_f32(const Tensor& tensor, float* destination) override {
+    activate();
     const size_t bytes = static_cast<size_t>(tensor.numel()) * sizeof(float);
     if (tensor.dtype() == DType::kFloat32) {
       check_cuda(cudaMemcpyAsync(destination, tensor.raw(), bytes, cudaMemcpyDeviceToHost, stream_),
@@ -162,6 +165,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor concat_rows(const std::vector<Tensor>& parts) override {
+    activate();
     require(!parts.empty(), "concat_rows of nothing");
     Shape shape = parts.front().shape();
     shape[0] = 0;
@@ -178,6 +182,7 @@ class CudaBackend final : public Backend {
   }
 
   void begin_step(const ForwardBatch& batch) override {
+    activate();
     stage_indices(batch);
     check_cuda(cudaMemcpyAsync(indices_.raw(), pinned_, staged_bytes_, cudaMemcpyHostToDevice,
                                stream_),
@@ -193,6 +198,7 @@ class CudaBackend final : public Backend {
   // recording uploads from and replay it. A shape is (sequences, block-table width rounded up
   // to a power of two), so a long generation records a handful of graphs.
   Tensor run_step(const ForwardBatch& batch, const std::function<Tensor()>& forward) override {
+    activate();
     const int64_t n = batch.num_tokens();
     const bool recordable = n > 0 && n <= kMaxGraphTokens && n == batch.num_sequences() &&
                             static_cast<int64_t>(batch.logits_rows.size()) == n;
@@ -217,7 +223,11 @@ class CudaBackend final : public Backend {
       check_cuda(cudaEventRecord(upload_done_.get(), stream_), "cudaEventRecord");
       return found->second.logits;
     }
+    // The first step of a shape may grow a workspace, freeing the old buffer that recordings of
+    // other shapes point at: those go, and this shape records on the grown one.
+    const uint64_t frees_before = allocator_.free_count();
     Tensor logits = forward();
+    if (allocator_.free_count() != frees_before) graphs_.clear();
     RecordedStep recorded;
     recorded.exec = record([&] { recorded.logits = forward(); });
     if (recorded.logits.raw() != logits.raw()) {
@@ -230,6 +240,7 @@ class CudaBackend final : public Backend {
 
   bool sample(const Tensor& logits, const std::vector<SamplingRow>& rows,
               std::vector<int32_t>& tokens) override {
+    activate();
     const int32_t n = static_cast<int32_t>(rows.size());
     tokens.resize(rows.size());
     if (n == 0) return true;
@@ -392,6 +403,41 @@ class CudaBackend final : public Backend {
     kc::rotary_cache_write(p, stream_);
   }
 
+  std::string attention_unsupported_reason(const AttentionShape& shape,
+                                           int32_t block_size) const override {
+    // A stand-in call with the model's shapes: prefill (several queries) and decode (one).
+    alignas(16) static const char dummy[16] = {};
+    kc::AttentionParams p;
+    p.dtype = activation_ == DType::kFloat16 ? kc::ElementType::kFloat16
+                                              : kc::ElementType::kBFloat16;
+    p.q = p.out = const_cast<char*>(dummy);
+    p.k_cache = p.v_cache = dummy;
+    p.block_table = p.cu_seqlens_q = p.seqlens_kv = reinterpret_cast<const int32_t*>(dummy);
+    p.q_head_stride = p.out_head_stride = p.kv_head_stride = shape.head_dim;
+    p.q_token_stride = p.out_token_stride = int64_t{shape.num_heads} * shape.head_dim;
+    p.kv_token_stride = int64_t{shape.num_kv_heads} * shape.head_dim;
+    p.kv_block_stride = block_size * p.kv_token_stride;
+    p.block_size = block_size;
+    p.block_table_stride = 1;
+    p.batch = 1;
+    p.max_seqlen_kv = block_size;
+    p.num_heads = shape.num_heads;
+    p.num_kv_heads = shape.num_kv_heads;
+    p.head_dim = shape.head_dim;
+    p.softmax_scale = shape.softmax_scale;
+    p.causal = shape.causal;
+    for (const int32_t queries : {2, 1}) {
+      p.max_seqlen_q = queries;
+      const kc::AttentionKernel kernel =
+          forced_attention_ != kc::AttentionKernel::kAuto
+              ? forced_attention_
+              : kc::choose_attention_kernel(p, compute_capability_);
+      const std::string reason = kc::attention_unsupported_reason(p, kernel, compute_capability_);
+      if (!reason.empty()) return std::string(kc::attention_kernel_name(kernel)) + ": " + reason;
+    }
+    return "";
+  }
+
   void attention(const Tensor& q, const ForwardBatch& batch, const AttentionShape& shape,
                  const LayerKvCache& cache, int32_t block_size, Tensor& out,
                  Tensor* lse) override {
@@ -448,6 +494,11 @@ class CudaBackend final : public Backend {
   }
 
   void synchronize() { check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
+
+  // The current device is per host thread, and another engine (or a Python thread that drives
+  // this one) may have switched it: every entry point that launches work selects ours first.
+  // The ops of a step run on the thread of its begin_step.
+  void activate() const { check_cuda(cudaSetDevice(device_), "cudaSetDevice"); }
 
   struct GraphExecDeleter {
     void operator()(cudaGraphExec_t exec) const { cudaGraphExecDestroy(exec); }

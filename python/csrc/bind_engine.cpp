@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -164,6 +165,17 @@ class Runtime {
       py::gil_scoped_release release;
       model_ = models::create_model(config_, weights_, *backend_, communicator_,
                                     options_.allreduce_tile_tokens);
+    }
+    AttentionShape attention;
+    attention.num_heads = config_.num_heads / communicator_->size();
+    attention.num_kv_heads = model_->local_kv_heads();
+    attention.head_dim = config_.head_dim;
+    attention.softmax_scale = 1.f / std::sqrt(static_cast<float>(config_.head_dim));
+    const std::string unsupported =
+        backend_->attention_unsupported_reason(attention, options_.block_size);
+    if (!unsupported.empty()) {
+      throw std::invalid_argument("this model cannot run on " + backend_->name() + ": " +
+                                  unsupported);
     }
     KvCacheShape shape;
     shape.num_layers = config_.num_layers;

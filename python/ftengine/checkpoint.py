@@ -92,6 +92,8 @@ def _open_hf_directory(model_dir: Path) -> Checkpoint:
     config = load_config(model_dir)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     entries = index_tensors(model_dir)
-    bf16 = any(entry.dtype == "BF16" for entry in entries.values())
-    return Checkpoint(str(model_dir), config, tokenizer, entries,
-                      "bfloat16" if bf16 else "float32")
+    dtypes = {entry.dtype for entry in entries.values()}
+    # The storage the file itself uses: bfloat16 and float16 files keep theirs where the device
+    # runs it (float16 widens to float32 on the CPU, see engine._default_dtype).
+    native = "bfloat16" if "BF16" in dtypes else "float16" if "F16" in dtypes else "float32"
+    return Checkpoint(str(model_dir), config, tokenizer, entries, native)

@@ -62,3 +62,8 @@ def agree(comm: Any, what: str, value: Any) -> None:
             f"ranks disagree on {what}: rank {differing[0]} differs from rank 0; every rank must "
             f"load the same model with the same settings"
         )
+
+
+def smallest(comm: Any, value: int) -> int:
+    """Collective. The smallest of every rank's `value`, on every rank."""
+    return min(comm.allgather(value))

@@ -189,6 +189,10 @@ class Engine:
         if kv_cache_tokens is None:
             kv_cache_tokens = _default_kv_cache_tokens(config, max_num_seqs, device_kind,
                                                        device_index)
+            if comm is not None:
+                # Sized from each host's memory: every rank takes the smallest, or ranks with
+                # room for more requests would schedule steps the others cannot follow.
+                kv_cache_tokens = distributed.smallest(comm, kv_cache_tokens)
 
         def load():
             runtime = _C.Runtime(
@@ -432,7 +436,8 @@ def _parse_device(device: str) -> tuple[str, int]:
 
 def _default_dtype(device_kind: str, checkpoint_dtype: str) -> str:
     """Weight storage when the caller names none: the checkpoint's own where the device runs it;
-    on the GPU, float32 checkpoints run in bfloat16 (the tensor cores' type, float32's range)."""
+    on the CPU float16 files widen to float32 (exact); on the GPU float32 checkpoints run in
+    bfloat16 (the tensor cores' type, float32's range)."""
     if checkpoint_dtype in _WEIGHT_DTYPES[device_kind]:
         return checkpoint_dtype
-    return "bfloat16"
+    return "float32" if device_kind == "cpu" else "bfloat16"
