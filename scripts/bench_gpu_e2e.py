@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from ftengine import _C
 from ftengine.config import ModelConfig
+from tqdm import tqdm
 
 # Model shapes: Llama-2-7B, and openPangu-Embedded-7B (its published config: GQA 32/8, bias on
 # q/k/v/o, 153k vocabulary, rope_theta 1.6e7, 34 layers).
@@ -56,7 +57,9 @@ def build_runtime(config: ModelConfig, batch: int, kv_tokens: int):
                          block_size=128, max_step_tokens=max(2048, batch),
                          max_sequences=batch, device="cuda")
     generator = torch.Generator(device="cuda").manual_seed(0)
-    for name, shape, *_ in _C.expected_weights(native):
+    specs = _C.expected_weights(native)
+    for name, shape, *_ in tqdm(specs, desc=f"random {config.architecture} weights",
+                                unit="tensor", file=sys.stderr):
         if len(shape) == 1:
             # Norm weights 1, biases 0: a stable residual stream whatever the random matrices.
             vector = np.zeros if name.endswith("bias") else np.ones
