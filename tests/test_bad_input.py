@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from ftengine import (
+    _C,
     ConfigError,
     ContextLengthError,
     Engine,
@@ -30,7 +31,9 @@ from ftengine import (
     WeightFileError,
     WeightShapeError,
 )
+from ftengine import engine as engine_module
 from ftengine.generate import main as cli_main
+from model_fixtures import make_tiny_llama
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "model.safetensors"
@@ -403,8 +406,30 @@ def test_tokenizer_corrupt(model_copy):
 
 
 def test_unknown_device(tiny_llama):
-    with raises(FtengineError, "'cuda'", "cpu"):
-        load(tiny_llama("gqa")[0], device="cuda")
+    directory = tiny_llama("gqa")[0]
+    with raises(FtengineError, "'npu'", "cpu"):
+        load(directory, device="npu")
+    # Without the CUDA backend in the build "cuda" itself is unknown, and the error says why.
+    bad_cuda = "cuda:x" if _C.has_cuda else "cuda"
+    with raises(FtengineError, repr(bad_cuda), "cpu"):
+        load(directory, device=bad_cuda)
+
+
+@pytest.mark.parametrize("device,checkpoint,expected", [
+    ("cpu", "bfloat16", "bfloat16"), ("cpu", "float16", "float32"), ("cpu", "float32", "float32"),
+    ("cuda", "bfloat16", "bfloat16"), ("cuda", "float16", "float16"),
+    ("cuda", "float32", "bfloat16"),
+])
+def test_default_weight_dtype(device, checkpoint, expected):
+    """Each device keeps the checkpoint's own storage where it runs it: float16 files widen
+    (exactly) to float32 on the CPU and stay float16 on the GPU; float32 runs in bfloat16 there."""
+    assert engine_module._default_dtype(device, checkpoint) == expected
+
+
+def test_float16_checkpoint_runs_as_float32_on_cpu(tmp_path):
+    make_tiny_llama(tmp_path, "gqa", dtype=torch.float16)
+    engine = load(tmp_path)
+    assert engine.dtype == "float32"
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8", "fp32"])
