@@ -82,43 +82,22 @@ struct Sm70 : RegisterRoundTripCopy {
     const __half2 pair = __floats2half2_rn(low, high);
     return *reinterpret_cast<const uint32_t*>(&pair);
   }
-
-  static __device__ __forceinline__ float exp2_approx(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-  }
 };
 
 // 128 query rows (4 warps x 32) x 64 keys, K and V double-buffered: 32 + 64 KB at head_dim 128,
 // all of Volta's 96 KB; one CTA of 4 warps per V100 SM then (two at head_dim 64).
 template <int kHeadDim_>
-struct PrefillSm70Traits {
+struct PrefillSm70Traits
+    : PrefillTileShape<__half, kHeadDim_, /*kBlockM=*/128, /*kBlockN=*/64, /*kStages=*/2> {
   using Arch = Sm70;
-  using Element = __half;
   static constexpr bool kM8n8k4 = true;  // the body of prefill_sm70_kernel.h
 
-  static constexpr int kHeadDim = kHeadDim_;
-  static_assert(kHeadDim % 64 == 0, "rows are swizzled in 128-byte (64-element) groups");
-  static constexpr int kBlockM = 128;
-  static constexpr int kBlockN = 64;
   static constexpr int kNumWarps = 4;
   static constexpr int kNumThreads = kNumWarps * 32;
   static constexpr int kMinBlocksPerSm = 1;
-  static constexpr int kStages = 2;
-  static constexpr bool kQInRegisters = kHeadDim <= 64;
-  static constexpr int kRowsPerWarp = kBlockM / kNumWarps;
+  static constexpr bool kQInRegisters = PrefillSm70Traits::kHeadDim <= 64;
+  static constexpr int kRowsPerWarp = PrefillSm70Traits::kBlockM / kNumWarps;
   static_assert(kRowsPerWarp == 32, "the four quad pairs of a warp cover 32 rows");
-
-  static constexpr int kChunksPerRow = kHeadDim / 8;
-  static __device__ __forceinline__ int swizzle(int row, int chunk) {
-    return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
-  }
-
-  static constexpr int kQTileElements = kBlockM * kHeadDim;
-  static constexpr int kKvTileElements = kBlockN * kHeadDim;
-  static constexpr int kSharedBytes =
-      (kQTileElements + 2 * kStages * kKvTileElements) * static_cast<int>(sizeof(Element));
 };
 
 }  // namespace ftengine::kernels::cuda

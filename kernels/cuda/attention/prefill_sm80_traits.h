@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels/cuda/attention/prefill_tiles.h"
+
 namespace ftengine::kernels::cuda {
 
 // Ampere instructions, also the fastest non-wgmma path on Ada and Hopper. Fragment layouts are
@@ -90,13 +92,6 @@ struct Sm80 {
       return *reinterpret_cast<const uint32_t*>(&pair);
     }
   }
-
-  // MUFU.EX2: 2^x with ~2 ulp error, 2^-inf = 0; exp2f would add a denormal-safe slow path.
-  static __device__ __forceinline__ float exp2_approx(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-  }
 };
 
 // Tiles for the mma.sync path. 128 query rows x 64 keys with 4 warps is the shape FlashAttention-2
@@ -107,43 +102,25 @@ struct Sm80 {
 // Arch_, Element_ and kBlockN_ vary by member: PrefillSm80Traits below, PrefillSm75Traits in
 // prefill_sm75_traits.h (64 KB of shared memory on Turing: 32-key tiles at head_dim 128).
 template <typename Arch_, typename Element_, int kHeadDim_, int kBlockN_>
-struct PrefillMmaTraits {
+struct PrefillMmaTraits : PrefillTileShape<Element_, kHeadDim_, /*kBlockM=*/128, kBlockN_,
+                                           /*kStages=*/2> {
   using Arch = Arch_;
-  using Element = Element_;
-  static_assert(std::is_same_v<Element, __half> || std::is_same_v<Element, __nv_bfloat16>);
+  static_assert(std::is_same_v<Element_, __half> || std::is_same_v<Element_, __nv_bfloat16>);
   static constexpr bool kM8n8k4 = false;  // m16n8k16 fragments: the body of prefill_sm80_kernel.h
 
-  static constexpr int kHeadDim = kHeadDim_;
-  static_assert(kHeadDim % 64 == 0, "rows are swizzled in 128-byte (64-element) groups");
-  static constexpr int kBlockM = 128;  // query rows per CTA: (token, head of the GQA group) pairs
-  static constexpr int kBlockN = kBlockN_;  // keys per tile; the cache block size is a multiple
-  static_assert(kBlockN % 32 == 0);
+  static_assert(kBlockN_ % 32 == 0);
   static constexpr int kNumWarps = 4;
   static constexpr int kNumThreads = kNumWarps * 32;
   // 96 KB of shared memory (head_dim 128) and <= 255 registers a thread: two CTAs per SM, so
   // one CTA's softmax overlaps the other's matrix products.
   static constexpr int kMinBlocksPerSm = 2;
-  static constexpr int kStages = 2;  // K and V tiles each double-buffered
   // Q fragments take kHeadDim / 2 registers a thread; with head_dim 128 they would not fit
   // beside the 128 output accumulators, so Q is re-read from shared memory with ldmatrix.
-  static constexpr bool kQInRegisters = kHeadDim <= 64;
+  static constexpr bool kQInRegisters = PrefillMmaTraits::kHeadDim <= 64;
 
-  static constexpr int kRowsPerWarp = kBlockM / kNumWarps;
+  static constexpr int kRowsPerWarp = PrefillMmaTraits::kBlockM / kNumWarps;
   static constexpr int kMTilesPerWarp = kRowsPerWarp / 16;
   static_assert(kRowsPerWarp % 16 == 0);
-
-  // Shared-memory tiles are row-major [rows][kHeadDim] with the 16-byte chunks of a row permuted
-  // by XOR with (row % 8): the 8 rows an ldmatrix reads at one logical chunk land in 8 different
-  // 16-byte bank groups instead of one (an 8-way conflict with row strides of 128 or 256 bytes).
-  static constexpr int kChunksPerRow = kHeadDim / 8;
-  static __device__ __forceinline__ int swizzle(int row, int chunk) {
-    return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
-  }
-
-  static constexpr int kQTileElements = kBlockM * kHeadDim;
-  static constexpr int kKvTileElements = kBlockN * kHeadDim;
-  static constexpr int kSharedBytes =
-      (kQTileElements + 2 * kStages * kKvTileElements) * static_cast<int>(sizeof(Element));
 };
 
 template <typename Element, int kHeadDim>
