@@ -1,6 +1,6 @@
 #include "engine/communicator.h"
 
-#include <algorithm>
+#include <cstring>
 
 namespace ftengine {
 
@@ -11,13 +11,15 @@ class SingleRankCommunicator final : public Communicator {
  public:
   int rank() const override { return 0; }
   int size() const override { return 1; }
-  void allreduce_sum(float*, int64_t) override {}
-  void start_allreduce_sum(float*, int64_t) override {}
+  void allreduce_sum(void*, int64_t, DType) override {}
+  void start_allreduce_sum(void*, int64_t, DType) override {}
   void progress() override {}
   void wait_all() override {}
-  void allgather(const float* data, int64_t count, float* out) override {
-    std::copy_n(data, count, out);
+  void allgather(const void* data, int64_t count, DType dtype, void* out) override {
+    // Host memory only: the models call allgather with several ranks alone.
+    std::memcpy(out, data, static_cast<size_t>(count) * dtype_size(dtype));
   }
+  void allreduce_sum_host(float*, int64_t) override {}
 };
 
 }  // namespace

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <memory>
 
+#include "engine/dtype.h"
+
 namespace ftengine {
 
 class Communicator {
@@ -15,16 +17,24 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int size() const = 0;
 
-  // In-place sum of `count` floats over every rank; returns when done.
-  virtual void allreduce_sum(float* data, int64_t count) = 0;
+  // Collectives over tensors' memory: `count` elements of `dtype` at `data`, in the memory this
+  // communicator serves (host memory for MPI, which sums float32; device memory of any float
+  // type for NCCL). An implementation refuses a dtype it cannot sum rather than guess.
+  //
+  // In-place sum over every rank; returns when done.
+  virtual void allreduce_sum(void* data, int64_t count, DType dtype) = 0;
   // Starts an in-place sum and returns at once; `data` must stay untouched until wait_all().
   // progress() lets pending sums advance while the caller computes (MPI implementations move
   // non-blocking collectives only inside MPI calls).
-  virtual void start_allreduce_sum(float* data, int64_t count) = 0;
+  virtual void start_allreduce_sum(void* data, int64_t count, DType dtype) = 0;
   virtual void progress() = 0;
   virtual void wait_all() = 0;
   // out[rank * count + i] = data[i] of `rank`, for every rank.
-  virtual void allgather(const float* data, int64_t count, float* out) = 0;
+  virtual void allgather(const void* data, int64_t count, DType dtype, void* out) = 0;
+
+  // Sum of host values every rank needs to decide alike (a vote), whatever memory the tensor
+  // collectives use.
+  virtual void allreduce_sum_host(float* values, int64_t count) = 0;
 };
 
 std::shared_ptr<Communicator> make_single_rank_communicator();

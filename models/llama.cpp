@@ -156,7 +156,7 @@ class LlamaModel final : public Model {
 
     backend_.begin_step(batch);
     backend_.embedding(embed_tokens_, batch.token_ids, plan_.first_token, hidden);
-    if (plan_.size > 1) communicator_->allreduce_sum(hidden.data<float>(), hidden.numel());
+    if (plan_.size > 1) communicator_->allreduce_sum(hidden.raw(), hidden.numel(), hidden.dtype());
     for (int i = 0; i < c.num_layers; ++i) {
       const LlamaLayer& layer = layers_[i];
       const LayerKvCache& layer_cache = cache.layer(i);
@@ -212,7 +212,7 @@ class LlamaModel final : public Model {
         Tensor out_tile = out.row_range(begin, count);
         backend_.linear(x.row_range(begin, count), weight, nullptr, out_tile);
         if (plan_.size > 1 && tile < tokens) {
-          communicator_->start_allreduce_sum(out_tile.data<float>(), out_tile.numel());
+          communicator_->start_allreduce_sum(out_tile.raw(), out_tile.numel(), out_tile.dtype());
           communicator_->progress();
         }
       }
@@ -225,7 +225,7 @@ class LlamaModel final : public Model {
       if (tile < tokens) {
         communicator_->wait_all();
       } else {
-        communicator_->allreduce_sum(out.data<float>(), out.numel());
+        communicator_->allreduce_sum(out.raw(), out.numel(), out.dtype());
       }
     }
     if (bias_tensor.defined()) backend_.add_bias(out, bias_tensor);
@@ -261,10 +261,8 @@ class LlamaModel final : public Model {
     static constexpr int64_t kProbeTokens = 256;
     static constexpr double kWorthwhileRatio = 0.25;
     const DType dtype = backend_.activation_dtype();
-    Tensor x = backend_.empty({kProbeTokens, layers_[0].o_weight.dim(1)}, dtype);
-    Tensor y = backend_.empty({kProbeTokens, config_.hidden_size}, dtype);
-    std::fill_n(x.data<float>(), x.numel(), 0.f);
-    std::fill_n(y.data<float>(), y.numel(), 0.f);
+    Tensor x = backend_.zeros({kProbeTokens, layers_[0].o_weight.dim(1)}, dtype);
+    Tensor y = backend_.zeros({kProbeTokens, config_.hidden_size}, dtype);
     auto seconds = [](auto&& work) {
       work();  // warm-up
       const auto start = std::chrono::steady_clock::now();
@@ -272,27 +270,25 @@ class LlamaModel final : public Model {
       return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     };
     const double product = seconds([&] { backend_.linear(x, layers_[0].o_weight, nullptr, y); });
-    const double sum = seconds([&] { communicator_->allreduce_sum(y.data<float>(), y.numel()); });
+    const double sum = seconds([&] { communicator_->allreduce_sum(y.raw(), y.numel(), dtype); });
     float votes = sum / std::max(product, 1e-9) > kWorthwhileRatio ? 1.f : 0.f;
-    communicator_->allreduce_sum(&votes, 1);
+    communicator_->allreduce_sum_host(&votes, 1);
     return 2.f * votes > static_cast<float>(plan_.size);
   }
 
-  // Each rank computed logits for its vocabulary slice; every rank gets all of them, in order.
+  // Each rank computed logits for its vocabulary slice; every rank gets all of them, in order:
+  // gathered as [rank][row][slice], then each rank's block placed at its columns by the backend
+  // (so the logits never leave the device that computed them).
   Tensor gather_vocabulary(const Tensor& local_logits) {
     const int64_t rows = local_logits.dim(0), slice = plan_.vocab;
-    // [rank][row] slices of the vocabulary, then [row][vocab].
     Tensor gathered = grown_rows(backend_, workspace_.gathered_logits, plan_.size * rows, slice,
                                  DType::kFloat32);
-    communicator_->allgather(local_logits.data<float>(), local_logits.numel(),
-                             gathered.data<float>());
+    communicator_->allgather(local_logits.raw(), local_logits.numel(), DType::kFloat32,
+                             gathered.raw());
     Tensor logits = grown_rows(backend_, workspace_.logits, rows, config_.vocab_size,
                                DType::kFloat32);
     for (int r = 0; r < plan_.size; ++r) {
-      for (int64_t row = 0; row < rows; ++row) {
-        std::copy_n(gathered.data<float>() + (r * rows + row) * slice, slice,
-                    logits.data<float>() + row * config_.vocab_size + r * slice);
-      }
+      backend_.copy_columns(gathered.row_range(r * rows, rows), logits, r * slice);
     }
     return logits;
   }

@@ -37,6 +37,14 @@ int mpi_count(int64_t count) {
 // measured on 2 ranks, tiling then hid nothing. A thread that sits in the collective keeps it
 // moving while the caller computes. It needs MPI_THREAD_MULTIPLE (mpi4py's default); below that
 // level the non-blocking calls are used.
+// MPI sums host float32 (the CPU backend's activations); half-precision sums are NCCL's.
+void require_float32(DType dtype) {
+  if (dtype != DType::kFloat32) {
+    throw std::invalid_argument("the MPI communicator sums float32 host tensors, not " +
+                                dtype_name(dtype));
+  }
+}
+
 class MpiCommunicator final : public Communicator {
  public:
   explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
@@ -69,12 +77,19 @@ class MpiCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
 
-  void allreduce_sum(float* data, int64_t count) override {
-    check(MPI_Allreduce(MPI_IN_PLACE, data, mpi_count(count), MPI_FLOAT, MPI_SUM, comm_),
+  void allreduce_sum(void* data, int64_t count, DType dtype) override {
+    require_float32(dtype);
+    allreduce_sum_host(static_cast<float*>(data), count);
+  }
+
+  void allreduce_sum_host(float* values, int64_t count) override {
+    check(MPI_Allreduce(MPI_IN_PLACE, values, mpi_count(count), MPI_FLOAT, MPI_SUM, comm_),
           "MPI_Allreduce");
   }
 
-  void start_allreduce_sum(float* data, int64_t count) override {
+  void start_allreduce_sum(void* untyped, int64_t count, DType dtype) override {
+    require_float32(dtype);
+    float* data = static_cast<float*>(untyped);
     const int items = mpi_count(count);
     if (worker_.joinable()) {
       {
@@ -116,7 +131,8 @@ class MpiCommunicator final : public Communicator {
     pending_.clear();
   }
 
-  void allgather(const float* data, int64_t count, float* out) override {
+  void allgather(const void* data, int64_t count, DType dtype, void* out) override {
+    require_float32(dtype);
     check(MPI_Allgather(data, mpi_count(count), MPI_FLOAT, out, mpi_count(count), MPI_FLOAT,
                         comm_),
           "MPI_Allgather");
