@@ -1,6 +1,7 @@
-// Split-KV decode: shared device code, the CUDA-core kernel (every architecture from Turing on)
-// and the log-sum-exp merge. decode_split_kv_mma.cuh holds the tensor-core kernel,
-// decode_split_kv_launch.cuh the launchers; the public entry points are in decode_split_kv.h.
+// Split-KV decode: the CUDA-core kernel (every architecture from Turing on) and the log-sum-exp
+// merge. decode_split_kv_common.cuh holds what both split kernels share, decode_split_kv_mma.cuh
+// the tensor-core kernel, decode_split_kv_launch.cuh the launchers; the public entry points are
+// in decode_split_kv.h.
 //
 // One CTA owns (split, KV head, sequence): the query heads of its GQA group, one token each, and
 // a contiguous slice of that sequence's KV positions. The slice is streamed in chunks of
@@ -15,63 +16,9 @@
 // (where cp.async becomes a plain load + store).
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <stdexcept>
-#include <string>
-#include <type_traits>
-
-#include "kernels/cuda/attention/attention_params.h"
+#include "kernels/cuda/attention/decode_split_kv_common.cuh"
 
 namespace ftengine::kernels::cuda::decode_detail {
-
-constexpr int kThreads = 128;
-constexpr int kWarps = kThreads / 32;
-constexpr int kMaxGroup = 16;     // query heads per KV head that one CTA packs
-constexpr int kMaxHeadDim = 256;
-constexpr int kMaxSplits = 256;   // bounds the merge kernel's shared weights
-constexpr int kMergeHeadsPerCta = kWarps;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// n / d and n % d for 0 <= n < 2^31 with a multiply-high instead of a division (block_size is a
-// run-time value, and every loaded token needs its block and slot).
-struct FastDivmod {
-  uint32_t divisor = 1;
-  uint32_t multiplier = 1;
-  uint32_t shift = 0;
-
-  FastDivmod() = default;
-  explicit FastDivmod(uint32_t d) : divisor(d) {
-    while ((1ull << shift) < d) ++shift;
-    multiplier = static_cast<uint32_t>(((1ull << 32) * ((1ull << shift) - d)) / d + 1);
-  }
-  __device__ __forceinline__ uint32_t div(uint32_t n) const {
-    return (__umulhi(n, multiplier) + n) >> shift;
-  }
-};
-
-// Everything both kernels read, filled once per launch on the host.
-struct DecodeArgs {
-  AttentionParams params;
-  int num_splits = 1;
-  float scale_log2 = 0.f;  // softmax_scale * log2(e): scores come out in log2 units
-  FastDivmod block_size;
-  // Workspace when num_splits > 1, rows normalised by their own sum:
-  // partial_out[((seq * num_heads + head) * num_splits + split) * head_dim + d],
-  // partial_lse[(seq * num_heads + head) * num_splits + split] (natural log; -inf: empty split).
-  float* partial_out = nullptr;
-  float* partial_lse = nullptr;
-  // A split slice starts at a multiple of 64, so with block_size % 16 == 0 each 16-token step
-  // of the tensor-core kernel lies in one cache block: one block id per step.
-  bool blocks_hold_sub_chunks = false;
-};
 
 // kHeadDimVecs: 16-byte vectors per K/V row (head_dim / 8, rounded up to the instance's size);
 // kGroup: query heads per KV head rounded up to a power of two (extra heads see zero queries and
@@ -130,171 +77,9 @@ struct DecodeTraits {
   static_assert(kStages >= 2, "the ring needs a stage in flight while one is consumed");
 };
 
-// ---------------------------------------------------------------------------------------------
-// Device helpers
-
-__device__ __forceinline__ void cp_async_16_or_zero(void* smem, const void* gmem, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(src_bytes));
-#else
-  *static_cast<uint4*>(smem) = valid ? __ldg(static_cast<const uint4*>(gmem)) : make_uint4(0, 0, 0, 0);
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-#endif
-}
-
-// Programmatic dependent launch (Hopper): the merge kernel may be launched while the split
-// kernel's last CTAs run, and waits here for its results.
-__device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::);
-#endif
-}
-
-__device__ __forceinline__ void wait_for_prerequisite_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-template <typename Element>
-struct Convert;
-
-template <>
-struct Convert<__half> {
-  __device__ __forceinline__ static float2 to_float2(uint32_t bits) {
-    __half2 h;
-    memcpy(&h, &bits, sizeof(h));
-    return __half22float2(h);
-  }
-  __device__ __forceinline__ static uint32_t from_float2(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    uint32_t bits;
-    memcpy(&bits, &h, sizeof(bits));
-    return bits;
-  }
-};
-
-template <>
-struct Convert<__nv_bfloat16> {
-  // bf16 is the top half of a float32: exact with two integer ops.
-  __device__ __forceinline__ static float2 to_float2(uint32_t bits) {
-    return make_float2(__uint_as_float(bits << 16), __uint_as_float(bits & 0xffff0000u));
-  }
-  __device__ __forceinline__ static uint32_t from_float2(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    uint32_t bits;
-    memcpy(&bits, &h, sizeof(bits));
-    return bits;
-  }
-};
-
-template <typename Element>
-__device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[8]) {
-  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 pair = Convert<Element>::to_float2(words[i]);
-    out[2 * i] = pair.x;
-    out[2 * i + 1] = pair.y;
-  }
-}
-
-template <typename Element>
-__device__ __forceinline__ uint4 pack8(const float (&in)[8]) {
-  return make_uint4(Convert<Element>::from_float2(in[0], in[1]),
-                    Convert<Element>::from_float2(in[2], in[3]),
-                    Convert<Element>::from_float2(in[4], in[5]),
-                    Convert<Element>::from_float2(in[6], in[7]));
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  }
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-// The KV positions [begin, end) that split `split` of a sequence with kv_len tokens owns: equal
-// chunk-aligned slices of the real length, so that a graph captured for a long max_seqlen_kv
-// still spreads a short sequence over all its splits.
-__device__ __forceinline__ void split_range(int kv_len, int num_splits, int split, int chunk,
-                                           int& begin, int& end) {
-  const int per_split = ((kv_len + num_splits - 1) / num_splits + chunk - 1) / chunk * chunk;
-  const int64_t first = static_cast<int64_t>(split) * per_split;
-  begin = static_cast<int>(first < kv_len ? first : kv_len);
-  end = static_cast<int>(first + per_split < kv_len ? first + per_split : kv_len);
-}
-
-// A split that owns no position: the merge skips its -inf partial; a lone split (kv_len == 0)
-// writes the final answer, a zero row and lse -inf.
-template <typename Element>
-__device__ __forceinline__ void store_empty_split(const DecodeArgs& args, int seq, int split,
-                                                  int q_token, int head0, int group) {
-  const AttentionParams& p = args.params;
-  const int vecs = p.head_dim / 8;
-  if (args.num_splits == 1) {
-    for (int i = threadIdx.x; i < group * vecs; i += kThreads) {
-      auto* dst = static_cast<Element*>(p.out) + static_cast<int64_t>(q_token) * p.out_token_stride +
-                  static_cast<int64_t>(head0 + i / vecs) * p.out_head_stride + (i % vecs) * 8;
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    }
-    if (p.lse != nullptr && static_cast<int>(threadIdx.x) < group) {
-      p.lse[static_cast<int64_t>(q_token) * p.num_heads + head0 + threadIdx.x] = kNegInf;
-    }
-  } else if (static_cast<int>(threadIdx.x) < group) {
-    args.partial_lse[(static_cast<int64_t>(seq) * p.num_heads + head0 + threadIdx.x) *
-                         args.num_splits +
-                     split] = kNegInf;
-  }
-}
-
-// Stores dims [8 * vec, 8 * vec + 8) of one head's normalised result, and its lse once per head:
-// the final output when there is one split, else the split's partial row.
-template <typename Element>
-__device__ __forceinline__ void store_head_result(const DecodeArgs& args, int seq, int split,
-                                                  int q_token, int head, int vec,
-                                                  const float (&values)[8], float lse) {
-  const AttentionParams& p = args.params;
-  if (args.num_splits == 1) {
-    auto* dst = static_cast<Element*>(p.out) + static_cast<int64_t>(q_token) * p.out_token_stride +
-                static_cast<int64_t>(head) * p.out_head_stride + vec * 8;
-    *reinterpret_cast<uint4*>(dst) = pack8<Element>(values);
-    if (vec == 0 && p.lse != nullptr) p.lse[static_cast<int64_t>(q_token) * p.num_heads + head] = lse;
-  } else {
-    const int64_t row = (static_cast<int64_t>(seq) * p.num_heads + head) * args.num_splits + split;
-    float4* dst = reinterpret_cast<float4*>(args.partial_out + row * p.head_dim + vec * 8);
-    dst[0] = make_float4(values[0], values[1], values[2], values[3]);
-    dst[1] = make_float4(values[4], values[5], values[6], values[7]);
-    if (vec == 0) args.partial_lse[row] = lse;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
-// Kernel 1: attention of one split. grid (num_kv_heads, num_splits, batch), kThreads threads: the
-// KV heads of one token range are neighbours in the launch order, and a cache slot holds every
-// head, so CTAs running side by side read adjacent bytes.
+// Kernel 1: attention of one split; grid and block as SplitCta.
 
 template <typename Traits>
 __global__ void __launch_bounds__(kThreads) decode_split_kv_kernel(const DecodeArgs args) {
@@ -309,27 +94,12 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_kernel(const DecodeA
   allow_dependent_launch();
 
   const AttentionParams& p = args.params;
-  const int kv_head = blockIdx.x;
-  const int split = blockIdx.y;
-  const int seq = blockIdx.z;
+  SplitCta cta;
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
-
-  const int q_token = p.cu_seqlens_q[seq];
-  if (p.cu_seqlens_q[seq + 1] <= q_token) return;  // no query this step
-  const int kv_len = max(p.seqlens_kv[seq], 0);
-  const int group = p.num_heads / p.num_kv_heads;
-  const int head0 = kv_head * group;
-  const int head_dim = p.head_dim;
-
-  int begin, end;
-  split_range(kv_len, args.num_splits, split, kChunk, begin, end);
-
-  if (begin >= end) {
-    store_empty_split<Element>(args, seq, split, q_token, head0, group);
-    return;
-  }
+  if (!cta.start<Element>(args, kChunk)) return;
+  const int head_dim = cta.head_dim;
 
   extern __shared__ __align__(16) unsigned char smem[];
   uint4* ring = reinterpret_cast<uint4*>(smem);
@@ -340,24 +110,24 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_kernel(const DecodeA
   float* max_s = rescale_s + kGroup;                                    // [kGroup]
   float* sum_s = max_s + kGroup;                                        // [kGroup]
 
-  // ---- Loads: this thread's column and its rows of each chunk.
+  // ---- Loads: this thread's column and its rows of each chunk. The tensor-core kernel sets up
+  // its lane's column the same way; a shared column struct changed this kernel's PTX on sm_75
+  // (tid and head_dim reuse, param addressing), so both keep their own.
   const int load_vec = tid % kVecs;
   const int load_row = tid / kVecs;
   const bool load_vec_valid = load_vec * 8 < head_dim;
-  const int64_t head_offset = static_cast<int64_t>(kv_head) * p.kv_head_stride + load_vec * 8;
+  const int64_t head_offset = static_cast<int64_t>(cta.kv_head) * p.kv_head_stride + load_vec * 8;
   const auto* k_base = static_cast<const Element*>(p.k_cache) + head_offset;
   const auto* v_base = static_cast<const Element*>(p.v_cache) + head_offset;
-  const int32_t* blocks = p.block_table + static_cast<int64_t>(seq) * p.block_table_stride;
-  const int num_chunks = (end - begin + kChunk - 1) / kChunk;
+  const int32_t* blocks = p.block_table + static_cast<int64_t>(cta.seq) * p.block_table_stride;
+  const int num_chunks = (cta.end - cta.begin + kChunk - 1) / kChunk;
 
-  // Block ids are read one chunk ahead into registers, so their latency hides behind a chunk of
-  // work instead of stalling the cp.async issue.
   int block_ids[Traits::kLoadsPerThread];
   auto fetch_block_ids = [&](int chunk) {
 #pragma unroll
     for (int i = 0; i < Traits::kLoadsPerThread; ++i) {
-      const int pos = begin + chunk * kChunk + load_row + i * Traits::kLoadRows;
-      block_ids[i] = pos < end ? __ldg(blocks + args.block_size.div(pos)) : 0;
+      const int pos = cta.begin + chunk * kChunk + load_row + i * Traits::kLoadRows;
+      block_ids[i] = pos < cta.end ? __ldg(blocks + args.block_size.div(pos)) : 0;
     }
   };
   auto load_chunk = [&](int chunk) {
@@ -366,8 +136,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_kernel(const DecodeA
 #pragma unroll
     for (int i = 0; i < Traits::kLoadsPerThread; ++i) {
       const int row = load_row + i * Traits::kLoadRows;
-      const int pos = begin + chunk * kChunk + row;
-      const bool valid = load_vec_valid && pos < end;
+      const int pos = cta.begin + chunk * kChunk + row;
+      const bool valid = load_vec_valid && pos < cta.end;
       const int slot = pos - static_cast<int>(args.block_size.div(pos)) * p.block_size;
       const int64_t offset = valid ? static_cast<int64_t>(block_ids[i]) * p.kv_block_stride +
                                          static_cast<int64_t>(slot) * p.kv_token_stride
@@ -376,28 +146,19 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_kernel(const DecodeA
       cp_async_16_or_zero(v_tile + row * kPitch + load_vec, v_base + offset, valid);
     }
   };
-
-  // Prologue: kStages - 1 chunks in flight, then the block ids of the next one.
-#pragma unroll
-  for (int chunk = 0; chunk < kStages - 1; ++chunk) {
-    if (chunk < num_chunks) {
-      fetch_block_ids(chunk);
-      load_chunk(chunk);
-    }
-    cp_async_commit();
-  }
-  if (kStages - 1 < num_chunks) fetch_block_ids(kStages - 1);
+  start_kv_ring<kStages>(num_chunks, fetch_block_ids, load_chunk);
 
   // ---- Queries of the group, float32, scaled into log2 units; padding heads / dims are zero.
   {
-    const auto* q = static_cast<const Element*>(p.q) + static_cast<int64_t>(q_token) * p.q_token_stride;
+    const auto* q =
+        static_cast<const Element*>(p.q) + static_cast<int64_t>(cta.q_token) * p.q_token_stride;
     for (int i = tid; i < kGroup * kVecs; i += kThreads) {
       const int h = i / kVecs;
       const int v = i % kVecs;
       float values[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      if (h < group && v * 8 < head_dim) {
+      if (h < cta.group && v * 8 < head_dim) {
         const uint4 raw = __ldg(reinterpret_cast<const uint4*>(
-            q + static_cast<int64_t>(head0 + h) * p.q_head_stride + v * 8));
+            q + static_cast<int64_t>(cta.head0 + h) * p.q_head_stride + v * 8));
         unpack8<Element>(raw, values);
 #pragma unroll
         for (int e = 0; e < 8; ++e) values[e] *= args.scale_log2;
@@ -434,18 +195,11 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_kernel(const DecodeA
     // stage that chunk - 1 used for the next load.
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    {
-      const int next = chunk + kStages - 1;
-      if (next < num_chunks) {
-        load_chunk(next);
-        if (next + 1 < num_chunks) fetch_block_ids(next + 1);
-      }
-      cp_async_commit();
-    }
+    advance_kv_ring<kStages>(chunk, num_chunks, fetch_block_ids, load_chunk);
 
     const uint4* k_tile = ring + (chunk % kStages) * (2 * kChunk * kPitch);
     const uint4* v_tile = k_tile + kChunk * kPitch;
-    const int chunk_begin = begin + chunk * kChunk;
+    const int chunk_begin = cta.begin + chunk * kChunk;
 
     // ---- Scores: s[h][t] = q_h · k_t, in log2 units.
     {
@@ -477,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_kernel(const DecodeA
           score[j][1] = fmaf(qb.w, k[7], score[j][1]);
         }
       }
-      const bool visible = chunk_begin + qk_token < end;
+      const bool visible = chunk_begin + qk_token < cta.end;
 #pragma unroll
       for (int j = 0; j < Traits::kQkHeads; ++j) {
         if (qk_head0 + j < kGroup) {
@@ -583,7 +337,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_kernel(const DecodeA
   for (int i = tid; i < kGroup * kVecs; i += kThreads) {
     const int h = i / kVecs;
     const int v = i % kVecs;
-    if (h >= group || v * 8 >= head_dim) continue;
+    if (h >= cta.group || v * 8 >= head_dim) continue;
     float total[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int z = 0; z < Traits::kPvTokenGroups; ++z) {
@@ -605,7 +359,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_kernel(const DecodeA
 #pragma unroll
     for (int e = 0; e < 8; ++e) total[e] *= inv_sum;
     const float lse = (max_s[h] + log2f(sum_s[h])) * kLn2;
-    store_head_result<Element>(args, seq, split, q_token, head0 + h, v, total, lse);
+    store_head_result<Element>(args, cta.seq, cta.split, cta.q_token, cta.head0 + h, v, total,
+                               lse);
   }
 }
 

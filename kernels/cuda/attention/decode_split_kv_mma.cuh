@@ -20,7 +20,7 @@
 // arithmetic), past the tests' 2x bound; the extra MMAs are about one instruction per token.
 #pragma once
 
-#include "kernels/cuda/attention/decode_split_kv_kernel.cuh"
+#include "kernels/cuda/attention/decode_split_kv_common.cuh"
 
 namespace ftengine::kernels::cuda::decode_detail {
 
@@ -104,7 +104,7 @@ __device__ __forceinline__ void split_pair(float x, float y, uint32_t& hi, uint3
   lo = Convert<Element>::from_float2(x - rounded.x, y - rounded.y);
 }
 
-// grid and block as decode_split_kv_kernel; fragment names follow the PTX ISA's m16n8k16
+// grid and block as SplitCta; fragment names follow the PTX ISA's m16n8k16
 // layouts: lane = 4 * group_row + quad_col; an accumulator tile holds rows group_row and
 // group_row + 8, columns 2 * quad_col and 2 * quad_col + 1.
 template <typename Traits>
@@ -119,51 +119,37 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_mma_kernel(const Dec
   allow_dependent_launch();
 
   const AttentionParams& p = args.params;
-  const int kv_head = blockIdx.x;
-  const int split = blockIdx.y;
-  const int seq = blockIdx.z;
+  SplitCta cta;
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
   const int group_row = lane / 4;
   const int quad_col = lane % 4;
 
-  const int q_token = p.cu_seqlens_q[seq];
-  if (p.cu_seqlens_q[seq + 1] <= q_token) return;  // no query this step
-  const int kv_len = max(p.seqlens_kv[seq], 0);
-  const int group = p.num_heads / p.num_kv_heads;
-  const int head0 = kv_head * group;
-  const int head_dim = p.head_dim;
-
-  int begin, end;
-  split_range(kv_len, args.num_splits, split, Traits::kChunkTokens, begin, end);
-  if (begin >= end) {
-    store_empty_split<Element>(args, seq, split, q_token, head0, group);
-    return;
-  }
+  if (!cta.start<Element>(args, Traits::kChunkTokens)) return;
+  const int head_dim = cta.head_dim;
 
   extern __shared__ __align__(16) unsigned char smem[];
   uint4* ring = reinterpret_cast<uint4*>(smem);
   uint4* query_s = reinterpret_cast<uint4*>(smem + Traits::kReusedBytes);  // [16][kPitch]
 
   // ---- This warp's steps and loads.
-  const int num_sub_chunks = (end - begin + kMmaSubChunk - 1) / kMmaSubChunk;
+  const int num_sub_chunks = (cta.end - cta.begin + kMmaSubChunk - 1) / kMmaSubChunk;
   const int num_steps = num_sub_chunks > warp ? (num_sub_chunks - warp + kWarps - 1) / kWarps : 0;
   uint4* warp_ring = ring + warp * kStages * Traits::kWarpStageVecs;
 
   const int load_vec = lane % kVecs;
   const int load_row = lane / kVecs;
   const bool load_vec_valid = load_vec * 8 < head_dim;
-  const int64_t head_offset = static_cast<int64_t>(kv_head) * p.kv_head_stride + load_vec * 8;
+  const int64_t head_offset = static_cast<int64_t>(cta.kv_head) * p.kv_head_stride + load_vec * 8;
   const auto* k_base = static_cast<const Element*>(p.k_cache) + head_offset;
   const auto* v_base = static_cast<const Element*>(p.v_cache) + head_offset;
-  const int32_t* blocks = p.block_table + static_cast<int64_t>(seq) * p.block_table_stride;
+  const int32_t* blocks = p.block_table + static_cast<int64_t>(cta.seq) * p.block_table_stride;
 
-  // Block ids (and, when a step never straddles blocks, the step's first slot) are read one step
-  // ahead into registers, so their latency hides behind a step of work.
+  // With blocks_hold_sub_chunks, one block id and the step's first slot stand for every row.
   int block_ids[Traits::kLoadsPerLane];
   int first_slot = 0;
-  auto step_first = [&](int step) { return begin + (warp + step * kWarps) * kMmaSubChunk; };
+  auto step_first = [&](int step) { return cta.begin + (warp + step * kWarps) * kMmaSubChunk; };
   auto fetch_block_ids = [&](int step) {
     const int first = step_first(step);
     if (args.blocks_hold_sub_chunks) {
@@ -174,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_mma_kernel(const Dec
 #pragma unroll
       for (int i = 0; i < Traits::kLoadsPerLane; ++i) {
         const int pos = first + load_row + i * Traits::kLoadRows;
-        block_ids[i] = pos < end ? __ldg(blocks + args.block_size.div(pos)) : 0;
+        block_ids[i] = pos < cta.end ? __ldg(blocks + args.block_size.div(pos)) : 0;
       }
     }
   };
@@ -186,7 +172,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_mma_kernel(const Dec
     for (int i = 0; i < Traits::kLoadsPerLane; ++i) {
       const int row = load_row + i * Traits::kLoadRows;
       const int pos = first + row;
-      const bool valid = load_vec_valid && pos < end;
+      const bool valid = load_vec_valid && pos < cta.end;
       int64_t offset;
       if (args.blocks_hold_sub_chunks) {
         offset = static_cast<int64_t>(block_ids[0]) * p.kv_block_stride +
@@ -201,27 +187,19 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_mma_kernel(const Dec
       cp_async_16_or_zero(v_tile + row * kPitch + load_vec, v_base + offset, valid);
     }
   };
-
-#pragma unroll
-  for (int step = 0; step < kStages - 1; ++step) {
-    if (step < num_steps) {
-      fetch_block_ids(step);
-      load_step(step);
-    }
-    cp_async_commit();
-  }
-  if (kStages - 1 < num_steps) fetch_block_ids(kStages - 1);
+  start_kv_ring<kStages>(num_steps, fetch_block_ids, load_step);
 
   // ---- The group's queries as the A operand: 16 rows (heads past the group are zero), raw dtype.
   {
-    const auto* q = static_cast<const Element*>(p.q) + static_cast<int64_t>(q_token) * p.q_token_stride;
+    const auto* q =
+        static_cast<const Element*>(p.q) + static_cast<int64_t>(cta.q_token) * p.q_token_stride;
     for (int i = tid; i < kMmaRows * kVecs; i += kThreads) {
       const int row = i / kVecs;
       const int v = i % kVecs;
       uint4 value = make_uint4(0, 0, 0, 0);
-      if (row < group && v * 8 < head_dim) {
+      if (row < cta.group && v * 8 < head_dim) {
         value = __ldg(reinterpret_cast<const uint4*>(
-            q + static_cast<int64_t>(head0 + row) * p.q_head_stride + v * 8));
+            q + static_cast<int64_t>(cta.head0 + row) * p.q_head_stride + v * 8));
       }
       query_s[row * kPitch + v] = value;
     }
@@ -246,6 +224,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_mma_kernel(const Dec
     // Every lane's copies of this step are visible warp-wide, and every lane is done with the
     // stage the next load reuses.
     __syncwarp();
+    // advance_kv_ring's body, written out: through the helper the compiler orders this kernel's
+    // address arithmetic differently (PTX compared on sm_80), so it stays inline here.
     {
       const int next = step + kStages - 1;
       if (next < num_steps) {
@@ -277,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_mma_kernel(const Dec
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int pos = first + j * 8 + quad_col * 2 + (e & 1);
-        score[j][e] = pos < end ? score[j][e] * args.scale_log2 : kNegInf;
+        score[j][e] = pos < cta.end ? score[j][e] * args.scale_log2 : kNegInf;
         tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
       }
     }
@@ -354,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_mma_kernel(const Dec
   for (int i = tid; i < kMmaRows * kVecs; i += kThreads) {
     const int h = i / kVecs;
     const int v = i % kVecs;
-    if (h >= group || v * 8 >= head_dim) continue;
+    if (h >= cta.group || v * 8 >= head_dim) continue;
     // Warp 0 always had a step, so the maximum is finite; a warp without one weighs 0.
     float max_all = kNegInf;
 #pragma unroll
@@ -383,7 +363,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kv_mma_kernel(const Dec
 #pragma unroll
     for (int e = 0; e < 8; ++e) total[e] *= inv_sum;
     const float lse = (max_all + log2f(sum)) * kLn2;
-    store_head_result<Element>(args, seq, split, q_token, head0 + h, v, total, lse);
+    store_head_result<Element>(args, cta.seq, cta.split, cta.q_token, cta.head0 + h, v, total,
+                               lse);
   }
 #endif
 }
