@@ -12,9 +12,9 @@ from ftengine import _C
 from test_attention_cpu import make_case, reference_attention
 
 
-def tier_view(case, seq, blocks, tokens):
-    """A one-sequence block table over `blocks` (the tier's share, in token order) holding the
-    sequence's first or last `tokens` cached tokens."""
+def tier_view(blocks, tokens):
+    """A one-sequence block table over `blocks` (the tier's share, in token order) holding
+    `tokens` cached tokens."""
     table = np.asarray([blocks], dtype=np.int32) if blocks else np.zeros((1, 1), np.int32)
     return table, np.asarray([tokens], dtype=np.int32)
 
@@ -45,9 +45,9 @@ def test_prefix_on_host_merged_with_rest_equals_whole(q_len, host_blocks, num_he
     q = case["q"]
     parts = []
     if host_blocks:
-        table, length = tier_view(case, 0, blocks[:host_blocks], host_tokens)
+        table, length = tier_view(blocks[:host_blocks], host_tokens)
         parts.append(attend(case, q, table, length, causal=False))
-    table, length = tier_view(case, 0, blocks[host_blocks:], kv_len - host_tokens)
+    table, length = tier_view(blocks[host_blocks:], kv_len - host_tokens)
     parts.append(attend(case, q, table, length, causal=True))
     out, lse = _C.merge_attention_cpu([p[0] for p in parts], [p[1] for p in parts])
     expected_out, expected_lse = reference_attention(q, case["keys"], case["values"], [q_len],
@@ -68,7 +68,7 @@ def test_decode_over_interleaved_tiers():
     device_tokens = len(device) * block_size
     outs, lses = [], []
     for tier, tokens in ((device, device_tokens), (host, kv_len - device_tokens)):
-        table, length = tier_view(case, 0, tier, tokens)
+        table, length = tier_view(tier, tokens)
         out, lse = attend(case, case["q"], table, length, causal=False)
         outs.append(out)
         lses.append(lse)

@@ -12,9 +12,7 @@ import pytest
 import torch
 from ftengine import _C, Engine, SamplingParams
 from model_fixtures import make_tiny_llama
-from safetensors.torch import save_file
-from test_pangu_alpha import PanguAlpha
-from tokenizer_fixtures import write_llama_style_tokenizer
+from test_pangu_alpha import CONFIG, write_pangu_alpha
 from transformers import LlamaForCausalLM
 
 pytestmark = [
@@ -36,28 +34,8 @@ def assert_within_twice_torch(ours, reference, torch_low, floor=1e-3):
 def pangu_alpha_hd64(tmp_path_factory):
     """A PanGu-alpha with head_dim 64 (hidden 256, 4 heads), weights rounded to bfloat16."""
     directory = tmp_path_factory.mktemp("cuda-pangu-alpha")
-    vocab = write_llama_style_tokenizer(directory, "sentencepiece", vocab_size=384)
-    torch.manual_seed(0)
-    model = PanguAlpha(vocab, 256, 3, 4, 512, 256).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0, 0.08)
-            elif name.endswith("weight"):
-                parameter.uniform_(0.5, 1.5)
-            else:
-                parameter.normal_(0, 0.1)
-            parameter.copy_(parameter.to(torch.bfloat16).float())
-    tensors = {name: p.detach().to(torch.bfloat16).contiguous()
-               for name, p in model.state_dict().items()}
-    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    config = dict(vocab_size=vocab, hidden_size=256, num_layers=3, num_heads=4,
-                  intermediate_size=512, max_position_embeddings=256, layer_norm_epsilon=1e-5,
-                  architectures=["GPTPanguForCausalLM"], model_type="gpt_pangu",
-                  activation_function="gelu")
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory, model
+    sizes = dict(CONFIG, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
+    return directory, write_pangu_alpha(directory, sizes, matrix_std=0.08, dtype=torch.bfloat16)
 
 
 def pangu_logits(model, ids, dtype=torch.float32):

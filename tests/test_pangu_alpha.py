@@ -75,27 +75,37 @@ CONFIG = dict(vocab_size=None, hidden_size=64, num_layers=3, num_heads=4, interm
               max_position_embeddings=96, layer_norm_epsilon=1e-5)
 
 
-@pytest.fixture(scope="module")
-def pangu_alpha(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("pangu-alpha")
+def write_pangu_alpha(directory, sizes=CONFIG, matrix_std=0.25, dtype=torch.float32):
+    """Writes a random PanGu-alpha checkpoint into `directory` (safetensors under the port's
+    names, config.json, a sentencepiece tokenizer); returns the float32 torch reference holding
+    the same weights, rounded to `dtype` as the file stores them."""
     vocab = write_llama_style_tokenizer(directory, "sentencepiece", vocab_size=384)
     torch.manual_seed(0)
-    model = PanguAlpha(vocab, 64, 3, 4, 192, 96).eval()
+    model = PanguAlpha(vocab, sizes["hidden_size"], sizes["num_layers"], sizes["num_heads"],
+                       sizes["intermediate_size"], sizes["max_position_embeddings"]).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if parameter.dim() == 2:
-                parameter.normal_(0, 0.25)
+                parameter.normal_(0, matrix_std)
             elif name.endswith("weight"):
                 parameter.uniform_(0.5, 1.5)
             else:
                 parameter.normal_(0, 0.1)
-    tensors = {name: p.detach().clone().contiguous() for name, p in model.state_dict().items()}
+            parameter.copy_(parameter.to(dtype).float())
+    tensors = {name: p.detach().to(dtype).clone().contiguous()
+               for name, p in model.state_dict().items()}
     tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()  # as the port saves it
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    config = dict(CONFIG, vocab_size=vocab, architectures=["GPTPanguForCausalLM"],
+    config = dict(sizes, vocab_size=vocab, architectures=["GPTPanguForCausalLM"],
                   model_type="gpt_pangu", activation_function="gelu")
     (directory / "config.json").write_text(json.dumps(config))
-    return directory, model
+    return model
+
+
+@pytest.fixture(scope="module")
+def pangu_alpha(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("pangu-alpha")
+    return directory, write_pangu_alpha(directory)
 
 
 def test_logits_match_reference(pangu_alpha):

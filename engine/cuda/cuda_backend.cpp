@@ -407,31 +407,16 @@ class CudaBackend final : public Backend {
                                            int32_t block_size) const override {
     // A stand-in call with the model's shapes: prefill (several queries) and decode (one).
     alignas(16) static const char dummy[16] = {};
-    kc::AttentionParams p;
-    p.dtype = activation_ == DType::kFloat16 ? kc::ElementType::kFloat16
-                                              : kc::ElementType::kBFloat16;
+    kc::AttentionParams p = shape_params(shape, block_size, activation_);
     p.q = p.out = const_cast<char*>(dummy);
     p.k_cache = p.v_cache = dummy;
     p.block_table = p.cu_seqlens_q = p.seqlens_kv = reinterpret_cast<const int32_t*>(dummy);
-    p.q_head_stride = p.out_head_stride = p.kv_head_stride = shape.head_dim;
-    p.q_token_stride = p.out_token_stride = int64_t{shape.num_heads} * shape.head_dim;
-    p.kv_token_stride = int64_t{shape.num_kv_heads} * shape.head_dim;
-    p.kv_block_stride = block_size * p.kv_token_stride;
-    p.block_size = block_size;
     p.block_table_stride = 1;
     p.batch = 1;
     p.max_seqlen_kv = block_size;
-    p.num_heads = shape.num_heads;
-    p.num_kv_heads = shape.num_kv_heads;
-    p.head_dim = shape.head_dim;
-    p.softmax_scale = shape.softmax_scale;
-    p.causal = shape.causal;
     for (const int32_t queries : {2, 1}) {
       p.max_seqlen_q = queries;
-      const kc::AttentionKernel kernel =
-          forced_attention_ != kc::AttentionKernel::kAuto
-              ? forced_attention_
-              : kc::choose_attention_kernel(p, compute_capability_);
+      const kc::AttentionKernel kernel = kernel_for(p);
       const std::string reason = kc::attention_unsupported_reason(p, kernel, compute_capability_);
       if (!reason.empty()) return std::string(kc::attention_kernel_name(kernel)) + ": " + reason;
     }
@@ -442,21 +427,12 @@ class CudaBackend final : public Backend {
                  const LayerKvCache& cache, int32_t block_size, Tensor& out,
                  Tensor* lse) override {
     require_current(batch);
-    kc::AttentionParams p;
-    p.dtype = q.dtype() == DType::kFloat16 ? kc::ElementType::kFloat16 : kc::ElementType::kBFloat16;
+    kc::AttentionParams p = shape_params(shape, block_size, q.dtype());
     p.q = q.raw();
-    p.q_head_stride = shape.head_dim;
-    p.q_token_stride = static_cast<int64_t>(shape.num_heads) * shape.head_dim;
     p.out = out.raw();
-    p.out_head_stride = p.q_head_stride;
-    p.out_token_stride = p.q_token_stride;
     p.lse = lse ? lse->data<float>() : nullptr;
     p.k_cache = cache.k.raw();
     p.v_cache = cache.v.raw();
-    p.kv_head_stride = shape.head_dim;
-    p.kv_token_stride = static_cast<int64_t>(shape.num_kv_heads) * shape.head_dim;
-    p.kv_block_stride = block_size * p.kv_token_stride;
-    p.block_size = block_size;
     p.block_table = batch_.block_table;
     p.block_table_stride = batch_.block_table_stride;
     p.cu_seqlens_q = batch_.cu_seqlens_q;
@@ -465,14 +441,7 @@ class CudaBackend final : public Backend {
     p.max_seqlen_q = batch_.max_seqlen_q;
     // A recorded step keeps its grid: it plans for the whole width of its block table.
     p.max_seqlen_kv = graph_layout_ ? batch_.block_table_stride * block_size : batch_.max_seqlen_kv;
-    p.num_heads = shape.num_heads;
-    p.num_kv_heads = shape.num_kv_heads;
-    p.head_dim = shape.head_dim;
-    p.softmax_scale = shape.softmax_scale;
-    p.causal = shape.causal;
-    const kc::AttentionKernel kernel = forced_attention_ != kc::AttentionKernel::kAuto
-                                           ? forced_attention_
-                                           : kc::choose_attention_kernel(p, compute_capability_);
+    const kc::AttentionKernel kernel = kernel_for(p);
     const size_t workspace_bytes =
         kc::attention_workspace_bytes(p, kernel, compute_capability_);
     if (workspace_bytes > capacity(attention_workspace_)) {
@@ -483,6 +452,32 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // The params fields a model's attention shape decides: q, out and the cache are packed
+  // [token][head][dim] (cache blocks [slot][kv_head][dim]).
+  static kc::AttentionParams shape_params(const AttentionShape& shape, int32_t block_size,
+                                          DType dtype) {
+    kc::AttentionParams p;
+    p.dtype = dtype == DType::kFloat16 ? kc::ElementType::kFloat16 : kc::ElementType::kBFloat16;
+    p.q_head_stride = p.out_head_stride = p.kv_head_stride = shape.head_dim;
+    p.q_token_stride = p.out_token_stride = int64_t{shape.num_heads} * shape.head_dim;
+    p.kv_token_stride = int64_t{shape.num_kv_heads} * shape.head_dim;
+    p.kv_block_stride = block_size * p.kv_token_stride;
+    p.block_size = block_size;
+    p.num_heads = shape.num_heads;
+    p.num_kv_heads = shape.num_kv_heads;
+    p.head_dim = shape.head_dim;
+    p.softmax_scale = shape.softmax_scale;
+    p.causal = shape.causal;
+    return p;
+  }
+
+  // The member a call runs: the forced one, or the best for these params.
+  kc::AttentionKernel kernel_for(const kc::AttentionParams& p) const {
+    return forced_attention_ != kc::AttentionKernel::kAuto
+               ? forced_attention_
+               : kc::choose_attention_kernel(p, compute_capability_);
+  }
+
   struct EventDeleter {
     void operator()(cudaEvent_t event) const { cudaEventDestroy(event); }
   };

@@ -33,10 +33,6 @@ int device_capability() {
   return major * 10 + minor;
 }
 
-kc::AttentionKernel parse_kernel(const std::string& name) {
-  return kc::parse_attention_kernel(name);
-}
-
 template <typename T>
 T pointer(const py::kwargs& kwargs, const char* key) {
   return reinterpret_cast<T>(static_cast<uintptr_t>(kwargs[key].cast<uint64_t>()));
@@ -106,7 +102,7 @@ void bind_cuda(py::module_& m) {
   m.def(
       "cuda_attention_unsupported_reason",
       [](const std::string& kernel, const py::kwargs& kwargs) {
-        return kc::attention_unsupported_reason(params_from(kwargs), parse_kernel(kernel),
+        return kc::attention_unsupported_reason(params_from(kwargs), kc::parse_attention_kernel(kernel),
                                                 device_capability());
       },
       py::arg("kernel") = "auto",
@@ -116,7 +112,7 @@ void bind_cuda(py::module_& m) {
       [](const std::string& kernel_name, const py::kwargs& kwargs) {
         const kc::AttentionParams params = params_from(kwargs);
         const int capability = device_capability();
-        kc::AttentionKernel kernel = parse_kernel(kernel_name);
+        kc::AttentionKernel kernel = kc::parse_attention_kernel(kernel_name);
         if (kernel == kc::AttentionKernel::kAuto) {
           kernel = kc::choose_attention_kernel(params, capability);
         }
