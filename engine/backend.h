@@ -10,6 +10,7 @@
 #include <functional>
 #include <memory>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,14 @@ struct AttentionShape {
   bool causal = true;
 };
 
+// What the host tier of the KV cache (CPU-GPU cooperative attention) has cost so far.
+struct HostTierStats {
+  int64_t layers = 0;             // attention calls that used the host tier
+  double cpu_seconds = 0;         // the CPU attention kernel
+  double query_wait_seconds = 0;  // the CPU waiting for its queries from the GPU
+  double streamed_bytes = 0;      // host-tier K/V copied to the GPU
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -54,6 +63,12 @@ class Backend {
   virtual Tensor empty(Shape shape, DType dtype) = 0;
   // Zero-filled: the KV cache, whose slots past a sequence's end kernels may load (and mask).
   virtual Tensor zeros(Shape shape, DType dtype) = 0;
+  // Zero-filled host memory this backend's kernels read and write in place (pinned and mapped
+  // on a GPU): the host tier of the KV cache. Backends without one refuse.
+  virtual Tensor host_tier_zeros(Shape /*shape*/, DType /*dtype*/) {
+    throw std::invalid_argument(name() + " has no host tier for the KV cache: it already "
+                                "keeps the whole cache in host memory");
+  }
   virtual Tensor from_host(const void* data, Shape shape, DType source, DType stored) = 0;
   virtual void to_host_f32(const Tensor& tensor, float* destination) = 0;
   // Stacks same-dtype tensors along their first axis (fusing q/k/v or gate/up at load time).
@@ -118,8 +133,11 @@ class Backend {
     return "";
   }
 
+  virtual HostTierStats host_tier_stats() const { return {}; }
+
   // FastAttention over the paged cache for every sequence of the batch (prefill, chunked
-  // prefill and decode alike). lse may be null.
+  // prefill and decode alike), over both tiers when the cache has a host tier. lse may be
+  // null.
   virtual void attention(const Tensor& q, const ForwardBatch& batch, const AttentionShape& shape,
                          const LayerKvCache& cache, int32_t block_size, Tensor& out,
                          Tensor* lse) = 0;
@@ -131,8 +149,11 @@ std::unique_ptr<Backend> make_cpu_backend(int num_threads);
 // The CUDA backend on one GPU, activations and KV cache in `activation` (float16 or bfloat16);
 // decode steps are captured as CUDA graphs and replayed unless `cuda_graphs` is false;
 // `attention_kernel` names the FastAttention member every attention call uses ("auto": the
-// best for each call). Defined only in builds with CUDA (FTENGINE_WITH_CUDA).
+// best for each call); `host_tier_route` where host-tier keys are attended ("auto", "cpu":
+// the CPU kernel, "stream": copied to the GPU). Defined only in builds with CUDA
+// (FTENGINE_WITH_CUDA).
 std::unique_ptr<Backend> make_cuda_backend(int device, DType activation, bool cuda_graphs,
-                                           const std::string& attention_kernel);
+                                           const std::string& attention_kernel,
+                                           const std::string& host_tier_route);
 
 }  // namespace ftengine

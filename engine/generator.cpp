@@ -41,6 +41,10 @@ int64_t Generator::add_request(std::vector<int32_t> prompt, const RequestOptions
   const std::string sampling_error = kernels::cpu::sampling_config_error(options.sampling);
   if (!sampling_error.empty()) throw std::invalid_argument(sampling_error);
   validate_prompt(prompt, static_cast<int64_t>(prompt.size()) + options.max_new_tokens);
+  if (options.prefilled_tokens < 0 ||
+      options.prefilled_tokens >= static_cast<int64_t>(prompt.size())) {
+    throw std::invalid_argument("prefilled_tokens must be in [0, prompt length)");
+  }
   auto sequence = std::make_unique<Sequence>();
   sequence->id = next_id_++;
   sequence->prompt_length = static_cast<int32_t>(prompt.size());
@@ -58,9 +62,19 @@ void Generator::admit_waiting() {
     Sequence& next = *waiting_.front();
     const int64_t total = static_cast<int64_t>(next.tokens.size()) + next.options.max_new_tokens;
     if (!cache_.allocate(cache_.blocks_for_tokens(total), next.blocks)) break;
+    next.cached = next.options.prefilled_tokens;
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
   }
+}
+
+int32_t Generator::next_chunk(const Sequence& sequence, int32_t budget) const {
+  const int32_t pending = static_cast<int32_t>(sequence.tokens.size()) - sequence.cached;
+  int32_t take = std::min(pending, budget);
+  // A chunk stops at the host tier: attention splits there (see ForwardBatch).
+  const int32_t host_start = cache_.host_tier_start(sequence.blocks);
+  if (sequence.cached < host_start) take = std::min(take, host_start - sequence.cached);
+  return take;
 }
 
 ForwardBatch Generator::build_batch(const std::vector<Sequence*>& sequences,
@@ -87,6 +101,9 @@ ForwardBatch Generator::build_batch(const std::vector<Sequence*>& sequences,
     }
     batch.cu_seqlens_q.push_back(static_cast<int32_t>(batch.num_tokens()));
     batch.seqlens_kv.push_back(cached_after);
+    if (cache_.shape().host_tier_blocks > 0) {
+      batch.host_tier_start.push_back(cache_.host_tier_start(sequence.blocks));
+    }
     // Each sequence's row of the table, padded with block 0 (never read past seqlens_kv).
     batch.block_table.insert(batch.block_table.end(), sequence.blocks.begin(),
                              sequence.blocks.end());
@@ -112,7 +129,7 @@ std::vector<TokenEvent> Generator::step() {
       const int32_t pending = static_cast<int32_t>(sequence.tokens.size()) - sequence.cached;
       const bool decoding = pending == 1 && sequence.generated() > 0;
       if (decoding != (pass == 0) || budget == 0) continue;
-      const int32_t take = std::min(pending, budget);
+      const int32_t take = next_chunk(sequence, budget);
       scheduled.push_back(&sequence);
       chunk.push_back(take);
       budget -= take;
@@ -209,8 +226,7 @@ std::vector<float> Generator::prompt_logits(const std::vector<int32_t>& prompt) 
   all_logits.reserve(static_cast<size_t>(sequence.prompt_length * vocab));
   try {
     while (sequence.cached < sequence.prompt_length) {
-      std::vector<int32_t> chunk = {
-          std::min(options_.max_step_tokens, sequence.prompt_length - sequence.cached)};
+      std::vector<int32_t> chunk = {next_chunk(sequence, options_.max_step_tokens)};
       const ForwardBatch batch = build_batch({&sequence}, chunk, /*all_logits=*/true);
       const Tensor logits = model_.forward(batch, cache_);
       const size_t offset = all_logits.size();

@@ -21,6 +21,10 @@ struct RequestOptions {
   uint64_t seed = 0;
   int32_t max_new_tokens = 16;
   std::vector<int32_t> stop_token_ids;
+  // Benchmarks only: the first prefilled_tokens prompt tokens count as already in the cache
+  // (their K/V are whatever the cache blocks hold), to measure decode at contexts whose
+  // prefill would take minutes. 0 for every real request.
+  int32_t prefilled_tokens = 0;
 };
 
 enum class FinishReason : int { kNone = 0, kStopToken = 1, kLength = 2 };
@@ -65,6 +69,8 @@ class Generator {
     int32_t generated() const { return static_cast<int32_t>(tokens.size()) - prompt_length; }
   };
 
+  // The new tokens of `sequence` the next step takes, at most `budget`.
+  int32_t next_chunk(const Sequence& sequence, int32_t budget) const;
   void validate_prompt(const std::vector<int32_t>& prompt, int64_t total_tokens) const;
   void admit_waiting();
   // Packs chunk[s] new tokens of each sequence into one batch; logits for every token when

@@ -49,13 +49,14 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 10 / (time.perf_counter() - start)
 
 
-def build_runtime(config: ModelConfig, batch: int, kv_tokens: int):
+def build_runtime(config: ModelConfig, batch: int, kv_tokens: int, max_step_tokens: int = 2048,
+                  **options):
     """A Runtime holding random bf16 weights (std 0.02; norms 1), made on the GPU by torch and
-    handed over as host arrays, as a loader would."""
+    handed over as host arrays, as a loader would. `options` go to the Runtime."""
     native = config.native_dict("bfloat16")
     runtime = _C.Runtime(native, num_threads=0, kv_cache_tokens=kv_tokens,
-                         block_size=128, max_step_tokens=max(2048, batch),
-                         max_sequences=batch, device="cuda")
+                         block_size=128, max_step_tokens=max(max_step_tokens, batch),
+                         max_sequences=batch, device="cuda", **options)
     generator = torch.Generator(device="cuda").manual_seed(0)
     specs = _C.expected_weights(native)
     for name, shape, *_ in tqdm(specs, desc=f"random {config.architecture} weights",

@@ -7,7 +7,8 @@
 # .whl/ (scipy-openblas32 for the CPU backend, gguf), see docs/GPU.md.
 # GPU_STAGES picks stages (default "build test sanitize bench"); GPU_TESTS the test files
 # (default every tests/test_*cuda*.py); GPU_PYTEST_ARGS extra pytest arguments (split on
-# spaces); GPU_BENCH the benchmark size (quick|full, default full).
+# spaces); GPU_BENCH the benchmark size (quick|full, default full); GPU_BENCHES which
+# benchmarks run (see the bench stage).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -72,11 +73,19 @@ fi
 
 if [[ " $STAGES " == *" bench "* ]]; then
   echo "== benchmarks"
-  for bench in "scripts/bench_gpu_attention.py" "scripts/bench_gpu_e2e.py" \
-               "scripts/bench_gpu_e2e.py --shape openpangu-7b"; do
+  # GPU_BENCHES picks them (default all): attention e2e pangu routes long7b long8b.
+  declare -A BENCH_COMMANDS=(
+    [attention]="scripts/bench_gpu_attention.py --size ${GPU_BENCH:-full}"
+    [e2e]="scripts/bench_gpu_e2e.py --size ${GPU_BENCH:-full}"
+    [pangu]="scripts/bench_gpu_e2e.py --shape openpangu-7b --size ${GPU_BENCH:-full}"
+    [routes]="scripts/bench_gpu_cooperative.py --case routes"
+    [long7b]="scripts/bench_gpu_cooperative.py --case llama-7b"
+    [long8b]="scripts/bench_gpu_cooperative.py --case llama3-8b"
+  )
+  for name in ${GPU_BENCHES:-attention e2e pangu routes long7b long8b}; do
     # shellcheck disable=SC2086
-    "$PYTHON" $bench --size "${GPU_BENCH:-full}" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" |
-      tail -n 40
+    PYTHONPATH="$PWD/scripts:$PYTHONPATH" "$PYTHON" ${BENCH_COMMANDS[$name]} --out "$OUT" 2>&1 |
+      tee -a "$OUT/bench.log" | tail -n 40
     [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
   done
 fi

@@ -779,3 +779,11 @@ def test_nonpositive_numeric_config(tiny_llama, tmp_path, key, value):
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="must be a positive number"):
         Engine.from_pretrained(directory, progress=False)
+
+
+def test_host_tier_options_need_the_gpu(tiny_llama):
+    # The host tier splits a GPU's KV cache; on the CPU the whole cache is host memory already.
+    with raises(FtengineError, "gpu_kv_budget", "device='cuda'"):
+        load(tiny_llama("gqa")[0], gpu_kv_budget=1.0)
+    with raises(FtengineError, "host_tier_attention", "disk"):
+        load(tiny_llama("gqa")[0], host_tier_attention="disk")

@@ -96,4 +96,27 @@ uint64_t CachingDeviceAllocator::free_count() const {
   return free_count_;
 }
 
+void* PinnedHostAllocator::allocate(size_t bytes) {
+  void* pointer = nullptr;
+  const cudaError_t status =
+      cudaHostAlloc(&pointer, bytes > 0 ? bytes : 1, cudaHostAllocMapped | cudaHostAllocPortable);
+  if (status != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error("could not pin " + std::to_string(bytes >> 20) +
+                             " MiB of host memory for the KV cache's host tier (" +
+                             cudaGetErrorString(status) +
+                             "); use a smaller kv_cache_tokens or a larger gpu_kv_budget");
+  }
+  void* device_pointer = nullptr;
+  check_cuda(cudaHostGetDevicePointer(&device_pointer, pointer, 0), "cudaHostGetDevicePointer");
+  if (device_pointer != pointer) {
+    cudaFreeHost(pointer);
+    throw std::runtime_error("the KV cache's host tier needs unified addressing (a 64-bit "
+                             "process on a GPU that maps host memory at the same address)");
+  }
+  return pointer;
+}
+
+void PinnedHostAllocator::deallocate(void* pointer, size_t /*bytes*/) { cudaFreeHost(pointer); }
+
 }  // namespace ftengine::cuda

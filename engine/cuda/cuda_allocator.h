@@ -37,4 +37,14 @@ class CachingDeviceAllocator final : public Allocator {
   uint64_t free_count_ = 0;
 };
 
+// Pinned host memory mapped into the GPU's address space (one address on both sides under
+// unified addressing): the KV cache's host tier, which kernels write over the bus and the CPU
+// reads in place, and copies to the GPU at full bus speed.
+class PinnedHostAllocator final : public Allocator {
+ public:
+  Device device() const override { return Device::kCpu; }
+  void* allocate(size_t bytes) override;
+  void deallocate(void* pointer, size_t bytes) override;
+};
+
 }  // namespace ftengine::cuda

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/cuda/cooperative_attention.h"
 #include "engine/cuda/cublaslt_gemm.h"
 #include "engine/cuda/cuda_allocator.h"
 #include "engine/cuda/cuda_check.h"
@@ -63,7 +64,8 @@ struct DeviceBatch {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, DType activation, bool cuda_graphs, kc::AttentionKernel attention)
+  CudaBackend(int device, DType activation, bool cuda_graphs, kc::AttentionKernel attention,
+              cuda::HostTierRoute host_tier_route)
       : device_(device),
         activation_(activation),
         allocator_(device),
@@ -86,12 +88,15 @@ class CudaBackend final : public Backend {
     // 32 MiB: cuBLASLt's Hopper kernels want a large workspace for split-K and stream-K.
     gemm_workspace_ = byte_buffer(size_t{32} << 20);
     gemm_ = std::make_unique<cuda::CublasLtGemm>(gemm_workspace_.raw(), gemm_workspace_.nbytes());
+    cooperative_ = std::make_unique<cuda::CooperativeAttention>(allocator_, pinned_allocator_,
+                                                                 stream_, host_tier_route);
   }
 
   ~CudaBackend() override {
     if (stream_) cudaStreamSynchronize(stream_);
     graphs_.clear();
     gemm_.reset();
+    cooperative_.reset();
     if (pinned_) cudaFreeHost(pinned_);
     if (sampling_pinned_) cudaFreeHost(sampling_pinned_);
     if (sampled_ids_pinned_) cudaFreeHost(sampled_ids_pinned_);
@@ -113,6 +118,21 @@ class CudaBackend final : public Backend {
     check_cuda(cudaMemsetAsync(tensor.raw(), 0, tensor.nbytes(), stream_), "cudaMemsetAsync");
     return tensor;
   }
+
+  Tensor host_tier_zeros(Shape shape, DType dtype) override {
+    activate();
+    Tensor tensor(std::move(shape), dtype, pinned_allocator_);
+    // Tens of gigabytes at full context: every core clears its share.
+    auto* bytes = static_cast<char*>(tensor.raw());
+    const int64_t size = static_cast<int64_t>(tensor.nbytes()), piece = int64_t{64} << 20;
+#pragma omp parallel for schedule(static)
+    for (int64_t offset = 0; offset < size; offset += piece) {
+      std::memset(bytes + offset, 0, static_cast<size_t>(std::min(piece, size - offset)));
+    }
+    return tensor;
+  }
+
+  HostTierStats host_tier_stats() const override { return cooperative_->stats(); }
 
   // Bytes a scratch buffer holds; 0 before its first use (an undefined Tensor has no buffer).
   static size_t capacity(const Tensor& buffer) { return buffer.defined() ? buffer.nbytes() : 0; }
@@ -187,6 +207,7 @@ class CudaBackend final : public Backend {
     check_cuda(cudaMemcpyAsync(indices_.raw(), pinned_, staged_bytes_, cudaMemcpyHostToDevice,
                                stream_),
                "cudaMemcpyAsync(batch)");
+    cooperative_->plan(batch);
     if (!capturing_) {
       check_cuda(cudaEventRecord(upload_done_.get(), stream_), "cudaEventRecord");
     }
@@ -199,6 +220,9 @@ class CudaBackend final : public Backend {
   // to a power of two), so a long generation records a handful of graphs.
   Tensor run_step(const ForwardBatch& batch, const std::function<Tensor()>& forward) override {
     activate();
+    // A step over the host tier waits for the CPU inside every layer: nothing to record, and
+    // its attention takes far longer than launching its kernels.
+    if (batch.uses_host_tier()) return forward();
     const int64_t n = batch.num_tokens();
     const bool recordable = n > 0 && n <= kMaxGraphTokens && n == batch.num_sequences() &&
                             static_cast<int64_t>(batch.logits_rows.size()) == n;
@@ -400,6 +424,11 @@ class CudaBackend final : public Backend {
     p.kv_block_stride = cache.k.dim(1) * p.kv_token_stride;
     p.kv_head_stride = shape.head_dim;
     p.block_size = static_cast<int32_t>(cache.k.dim(1));
+    if (cache.k_host.defined()) {
+      p.k_cache_host = cache.k_host.raw();
+      p.v_cache_host = cache.v_host.raw();
+      p.host_first_block = cache.host_first_block;
+    }
     kc::rotary_cache_write(p, stream_);
   }
 
@@ -441,6 +470,16 @@ class CudaBackend final : public Backend {
     p.max_seqlen_q = batch_.max_seqlen_q;
     // A recorded step keeps its grid: it plans for the whole width of its block table.
     p.max_seqlen_kv = graph_layout_ ? batch_.block_table_stride * block_size : batch_.max_seqlen_kv;
+    if (cooperative_->active()) {
+      cooperative_->run(p, cache, [&](const kc::AttentionParams& call) { run_attention(call); });
+    } else {
+      run_attention(p);
+    }
+  }
+
+ private:
+  // One call of the FastAttention member these params get.
+  void run_attention(const kc::AttentionParams& p) {
     const kc::AttentionKernel kernel = kernel_for(p);
     const size_t workspace_bytes =
         kc::attention_workspace_bytes(p, kernel, compute_capability_);
@@ -451,7 +490,6 @@ class CudaBackend final : public Backend {
                       stream_);
   }
 
- private:
   // The params fields a model's attention shape decides: q, out and the cache are packed
   // [token][head][dim] (cache blocks [slot][kv_head][dim]).
   static kc::AttentionParams shape_params(const AttentionShape& shape, int32_t block_size,
@@ -649,6 +687,7 @@ class CudaBackend final : public Backend {
   int compute_capability_ = 0;
   std::string device_name_;
   cuda::CachingDeviceAllocator allocator_;
+  cuda::PinnedHostAllocator pinned_allocator_;
   cudaStream_t stream_ = nullptr;
   Tensor gemm_workspace_;
   std::unique_ptr<cuda::CublasLtGemm> gemm_;
@@ -676,14 +715,17 @@ class CudaBackend final : public Backend {
   Event sampled_;
   const std::vector<float>* inv_freq_host_ = nullptr;
   Tensor inv_freq_;
+  std::unique_ptr<cuda::CooperativeAttention> cooperative_;
 };
 
 }  // namespace
 
 std::unique_ptr<Backend> make_cuda_backend(int device, DType activation, bool cuda_graphs,
-                                           const std::string& attention_kernel) {
+                                           const std::string& attention_kernel,
+                                           const std::string& host_tier_route) {
   return std::make_unique<CudaBackend>(device, activation, cuda_graphs,
-                                       kc::parse_attention_kernel(attention_kernel));
+                                       kc::parse_attention_kernel(attention_kernel),
+                                       cuda::parse_host_tier_route(host_tier_route));
 }
 
 }  // namespace ftengine

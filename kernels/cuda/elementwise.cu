@@ -250,6 +250,30 @@ __global__ void gather_rows_kernel(const T* x, const int32_t* rows, int64_t cols
 constexpr int kRotaryHeadsPerBlock = 8;
 constexpr int kMaxRotaryHalf = 256;
 
+template <typename T, typename P>
+__global__ void merge_attention_part_kernel(T* out, float* lse, const P* part_out,
+                                            const float* part_lse, const int32_t* tokens,
+                                            int64_t first_token, int32_t heads,
+                                            int32_t head_dim) {
+  const int64_t r = blockIdx.x;
+  const int32_t head = blockIdx.y;
+  const int64_t t = tokens ? tokens[r] : first_token + r;
+  const float lse_a = lse[t * heads + head];
+  const float lse_b = part_lse[r * heads + head];
+  __syncthreads();  // every thread has read lse before thread 0 rewrites it below
+  const float top = fmaxf(lse_a, lse_b);
+  if (top == -INFINITY) return;  // neither part saw a key: out stays zero, lse -inf
+  const float weight_a = __expf(lse_a - top), weight_b = __expf(lse_b - top);
+  const float total = weight_a + weight_b;
+  T* row = out + (t * heads + head) * head_dim;
+  const P* part_row = part_out + (r * heads + head) * head_dim;
+  for (int32_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    row[d] = from_float<T>((weight_a * to_float(row[d]) + weight_b * to_float(part_row[d])) /
+                           total);
+  }
+  if (threadIdx.x == 0) lse[t * heads + head] = top + __logf(total);
+}
+
 template <typename T>
 __global__ void rotary_cache_write_kernel(RotaryCacheWriteParams p) {
   __shared__ float cos_table[kMaxRotaryHalf], sin_table[kMaxRotaryHalf];
@@ -263,11 +287,13 @@ __global__ void rotary_cache_write_kernel(RotaryCacheWriteParams p) {
   }
   __syncthreads();
   const int64_t slot = p.slot_mapping[t];
-  const int64_t slot_offset =
-      (slot / p.block_size) * p.kv_block_stride + (slot % p.block_size) * p.kv_token_stride;
+  int64_t block = slot / p.block_size;
+  const bool host_tier = p.k_cache_host != nullptr && block >= p.host_first_block;
+  if (host_tier) block -= p.host_first_block;
+  const int64_t slot_offset = block * p.kv_block_stride + (slot % p.block_size) * p.kv_token_stride;
   T* q_out = static_cast<T*>(p.q_out) + t * static_cast<int64_t>(p.num_heads) * p.head_dim;
-  T* k_cache = static_cast<T*>(p.k_cache) + slot_offset;
-  T* v_cache = static_cast<T*>(p.v_cache) + slot_offset;
+  T* k_cache = static_cast<T*>(host_tier ? p.k_cache_host : p.k_cache) + slot_offset;
+  T* v_cache = static_cast<T*>(host_tier ? p.v_cache_host : p.v_cache) + slot_offset;
   const int32_t pairs = p.head_dim / 2;  // rotated pairs plus pass-through pairs per head
   const int32_t rotated_heads = p.num_heads + p.num_kv_heads;
   const int32_t first_head = blockIdx.y * kRotaryHeadsPerBlock;
@@ -429,6 +455,24 @@ void gather_rows(const void* x, const int32_t* rows, int64_t count, int64_t cols
         static_cast<const T*>(x), rows, cols, static_cast<T*>(out));
   });
   check_launch("gather_rows");
+}
+
+void merge_attention_part(void* out, float* lse, DataType type, const void* part_out,
+                          const float* part_lse, DataType part_type, const int32_t* tokens,
+                          int64_t first_token, int64_t rows, int32_t heads, int32_t head_dim,
+                          cudaStream_t stream) {
+  if (rows == 0) return;
+  const dim3 grid(static_cast<unsigned int>(rows), static_cast<unsigned int>(heads));
+  dispatch_type(type, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_type(part_type, [&](auto part_tag) {
+      using P = decltype(part_tag);
+      merge_attention_part_kernel<T, P><<<grid, 128, 0, stream>>>(
+          static_cast<T*>(out), lse, static_cast<const P*>(part_out), part_lse, tokens,
+          first_token, heads, head_dim);
+    });
+  });
+  check_launch("merge_attention_part");
 }
 
 void rotary_cache_write(const RotaryCacheWriteParams& params, cudaStream_t stream) {

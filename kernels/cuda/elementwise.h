@@ -53,6 +53,17 @@ void copy_columns(const void* src, int64_t rows, int64_t src_cols, void* dst, in
 void gather_rows(const void* x, const int32_t* rows, int64_t count, int64_t cols, DataType type,
                  void* out, cudaStream_t stream);
 
+// Folds a second attention partial into the first, by log-sum-exp (the tiers of CPU-GPU
+// cooperative attention): for part row r, token t = tokens ? tokens[r] : first_token + r,
+//   out[t] = (e^lse[t]·out[t] + e^part_lse[r]·part_out[r]) / (e^lse[t] + e^part_lse[r])
+// per head, and lse[t] becomes the log of the denominator. out is [tokens][heads][head_dim] of
+// `type`; part_out is [rows][heads][head_dim] of part_type; lse and part_lse are float32
+// [.][heads] (-inf: that part saw no key). Device pointers.
+void merge_attention_part(void* out, float* lse, DataType type, const void* part_out,
+                          const float* part_lse, DataType part_type, const int32_t* tokens,
+                          int64_t first_token, int64_t rows, int32_t heads, int32_t head_dim,
+                          cudaStream_t stream);
+
 struct RotaryCacheWriteParams {
   DataType type = DataType::kBFloat16;  // of qkv, q_out and the cache
   const void* qkv = nullptr;   // [tokens][(num_heads + 2 num_kv_heads) head_dim]
@@ -69,6 +80,11 @@ struct RotaryCacheWriteParams {
   void* v_cache = nullptr;
   int64_t kv_block_stride = 0, kv_token_stride = 0, kv_head_stride = 0;
   int32_t block_size = 0;
+  // The host tier of the cache (pinned, mapped host memory the kernel writes over the bus):
+  // blocks from host_first_block on live there, at block - host_first_block. Null: no tier.
+  void* k_cache_host = nullptr;
+  void* v_cache_host = nullptr;
+  int32_t host_first_block = 0;
 };
 
 // Rotates q into q_out and k into its cache slot, copies v into its slot.

@@ -79,6 +79,9 @@ struct RuntimeOptions {
   std::string attention_kernel = "auto";  // force one member of the CUDA attention family
   int num_threads = 0;
   int32_t kv_cache_tokens = 0;
+  // The KV tokens the GPU holds; the rest of kv_cache_tokens go to the host tier. 0: all.
+  int32_t gpu_kv_tokens = 0;
+  std::string host_tier_route = "auto";  // where host-tier keys are attended
   int32_t block_size = 0;
   int32_t allreduce_tile_tokens = 0;  // 0: automatic, -1: one AllReduce per projection
   GeneratorOptions generator;
@@ -97,7 +100,7 @@ std::unique_ptr<Backend> make_backend(const RuntimeOptions& options, DType weigh
       throw std::invalid_argument("the CUDA backend runs float16 or bfloat16 models");
     }
     return make_cuda_backend(options.device_index, weight_dtype, options.cuda_graphs,
-                             options.attention_kernel);
+                             options.attention_kernel, options.host_tier_route);
 #else
     throw std::invalid_argument("this build of ftengine has no CUDA backend");
 #endif
@@ -121,6 +124,7 @@ class Runtime {
     if (options.block_size <= 0 || options.kv_cache_tokens <= 0) {
       throw std::invalid_argument("block_size and kv_cache_tokens must be positive");
     }
+    if (options.gpu_kv_tokens < 0) throw std::invalid_argument("gpu_kv_tokens must be >= 0");
     for (auto& spec : models::expected_weights(config_, parallel())) {
       specs_.emplace(spec.name, spec.local_shape());
     }
@@ -181,6 +185,10 @@ class Runtime {
     shape.num_layers = config_.num_layers;
     shape.block_size = options_.block_size;
     shape.num_blocks = (options_.kv_cache_tokens + options_.block_size - 1) / options_.block_size;
+    if (options_.gpu_kv_tokens > 0) {
+      const int32_t device_blocks = std::max(options_.gpu_kv_tokens / options_.block_size, 1);
+      shape.host_tier_blocks = std::max(shape.num_blocks - device_blocks, 0);
+    }
     shape.num_kv_heads = model_->local_kv_heads();
     shape.head_dim = config_.head_dim;
     cache_ = std::make_unique<KvCache>(shape, backend_->activation_dtype(), *backend_);
@@ -200,6 +208,7 @@ class Runtime {
     return *cache_;
   }
   int num_threads() const { return backend_->num_threads(); }
+  const Backend& backend() const { return *backend_; }
 
  private:
   void require_unbuilt() const {
@@ -253,7 +262,8 @@ void bind_engine(py::module_& m) {
                        std::shared_ptr<Communicator> communicator,
                        int32_t allreduce_tile_tokens, const std::string& device,
                        int device_index, bool cuda_graphs,
-                       const std::string& attention_kernel) {
+                       const std::string& attention_kernel, int32_t gpu_kv_tokens,
+                       const std::string& host_tier_route) {
              RuntimeOptions options;
              options.device = device;
              options.device_index = device_index;
@@ -261,6 +271,8 @@ void bind_engine(py::module_& m) {
              options.attention_kernel = attention_kernel;
              options.num_threads = num_threads;
              options.kv_cache_tokens = kv_cache_tokens;
+             options.gpu_kv_tokens = gpu_kv_tokens;
+             options.host_tier_route = host_tier_route;
              options.block_size = block_size;
              options.allreduce_tile_tokens = allreduce_tile_tokens;
              options.generator.max_step_tokens = max_step_tokens;
@@ -271,7 +283,8 @@ void bind_engine(py::module_& m) {
            py::arg("block_size"), py::arg("max_step_tokens"), py::arg("max_sequences"),
            py::arg("communicator") = nullptr, py::arg("allreduce_tile_tokens") = 0,
            py::arg("device") = "cpu", py::arg("device_index") = 0,
-           py::arg("cuda_graphs") = true, py::arg("attention_kernel") = "auto")
+           py::arg("cuda_graphs") = true, py::arg("attention_kernel") = "auto",
+           py::arg("gpu_kv_tokens") = 0, py::arg("host_tier_route") = "auto")
       .def("add_weight", &Runtime::add_weight, py::arg("name"), py::arg("array"),
            py::arg("source_dtype"))
       .def("build", &Runtime::build)
@@ -282,11 +295,29 @@ void bind_engine(py::module_& m) {
                                const auto& s = r.cache().shape();
                                return static_cast<int64_t>(s.num_blocks) * s.block_size;
                              })
+      .def_property_readonly("host_tier_tokens",
+                             [](const Runtime& r) {
+                               const auto& s = r.cache().shape();
+                               return static_cast<int64_t>(s.host_tier_blocks) * s.block_size;
+                             })
+      .def(
+          "host_tier_stats",
+          [](const Runtime& r) {
+            const HostTierStats stats = r.backend().host_tier_stats();
+            py::dict out;
+            out["layers"] = stats.layers;
+            out["cpu_seconds"] = stats.cpu_seconds;
+            out["query_wait_seconds"] = stats.query_wait_seconds;
+            out["streamed_bytes"] = stats.streamed_bytes;
+            return out;
+          },
+          "What the KV cache's host tier has cost so far: attention calls over it, seconds of "
+          "the CPU kernel and of waiting for queries, bytes streamed to the GPU")
       .def(
           "add_request",
           [](Runtime& r, std::vector<int32_t> prompt, float temperature, int32_t top_k,
              float top_p, float repetition_penalty, uint64_t seed, int32_t max_new_tokens,
-             std::vector<int32_t> stop_token_ids) {
+             std::vector<int32_t> stop_token_ids, int32_t prefilled_tokens) {
             RequestOptions options;
             options.sampling.temperature = temperature;
             options.sampling.top_k = top_k;
@@ -295,13 +326,14 @@ void bind_engine(py::module_& m) {
             options.seed = seed;
             options.max_new_tokens = max_new_tokens;
             options.stop_token_ids = std::move(stop_token_ids);
+            options.prefilled_tokens = prefilled_tokens;
             py::gil_scoped_release release;
             std::lock_guard<std::mutex> guard(r.lock());
             return r.generator().add_request(std::move(prompt), options);
           },
           py::arg("prompt"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
           py::arg("repetition_penalty"), py::arg("seed"), py::arg("max_new_tokens"),
-          py::arg("stop_token_ids"))
+          py::arg("stop_token_ids"), py::arg("prefilled_tokens") = 0)
       .def(
           "step",
           [](Runtime& r) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kernels/cpu/attention.h"
+#include "kernels/cpu/attention_kv16.h"
 #include "kernels/cpu/attention_merge.h"
 
 namespace py = pybind11;
@@ -64,10 +65,21 @@ void check_int32_range(py::ssize_t value, const char* what) {
 std::tuple<py::array_t<float>, py::array_t<float>> attention_cpu(
     const py::array& q, const py::array& k_cache, const py::array& v_cache,
     const py::array& block_table, const py::array& cu_seqlens_q, const py::array& seqlens_kv,
-    double softmax_scale, bool causal, int num_threads) {
+    double softmax_scale, bool causal, int num_threads, const std::string& kv_dtype) {
+  namespace kcpu = ftengine::kernels::cpu;
   check_array<float>(q, "q", 3, "float32");
-  check_array<float>(k_cache, "k_cache", 4, "float32");
-  check_array<float>(v_cache, "v_cache", 4, "float32");
+  const bool kv16 = kv_dtype != "float32";
+  if (kv16 && kv_dtype != "bfloat16" && kv_dtype != "float16") {
+    throw std::invalid_argument("kv_dtype must be float32, bfloat16 or float16, got " + kv_dtype);
+  }
+  if (kv16) {
+    // 16-bit caches arrive as their bits (numpy has no bfloat16).
+    check_array<uint16_t>(k_cache, "k_cache", 4, "uint16 (the bits of the 16-bit cache)");
+    check_array<uint16_t>(v_cache, "v_cache", 4, "uint16 (the bits of the 16-bit cache)");
+  } else {
+    check_array<float>(k_cache, "k_cache", 4, "float32");
+    check_array<float>(v_cache, "v_cache", 4, "float32");
+  }
   check_array<int32_t>(block_table, "block_table", 2, "int32");
   check_array<int32_t>(cu_seqlens_q, "cu_seqlens_q", 1, "int32");
   check_array<int32_t>(seqlens_kv, "seqlens_kv", 1, "int32");
@@ -161,6 +173,36 @@ std::tuple<py::array_t<float>, py::array_t<float>> attention_cpu(
   py::array_t<float> out({num_tokens, num_heads, head_dim});
   py::array_t<float> lse({num_tokens, num_heads});
 
+  if (kv16) {
+    kcpu::Kv16AttentionParams params;
+    params.q = static_cast<const float*>(q.data());
+    params.out = out.mutable_data();
+    params.lse = lse.mutable_data();
+    params.k_cache = static_cast<const uint16_t*>(k_cache.data());
+    params.v_cache = static_cast<const uint16_t*>(v_cache.data());
+    params.kv_type = kv_dtype == "bfloat16" ? kcpu::Kv16Type::kBFloat16 : kcpu::Kv16Type::kFloat16;
+    params.kv_block_stride = block_size * num_kv_heads * head_dim;
+    params.kv_token_stride = num_kv_heads * head_dim;
+    params.kv_head_stride = head_dim;
+    params.block_size = static_cast<int32_t>(block_size);
+    params.block_table = table;
+    params.block_table_stride = static_cast<int32_t>(max_blocks);
+    params.cu_seqlens_q = cu;
+    params.seqlens_kv = kv_lens;
+    params.batch = static_cast<int32_t>(batch);
+    params.num_heads = static_cast<int32_t>(num_heads);
+    params.num_kv_heads = static_cast<int32_t>(num_kv_heads);
+    params.head_dim = static_cast<int32_t>(head_dim);
+    params.softmax_scale = static_cast<float>(softmax_scale);
+    params.causal = causal;
+    params.num_threads = num_threads;
+    const std::string reason = kcpu::kv16_attention_unsupported_reason(params);
+    if (!reason.empty()) throw std::invalid_argument("attention_cpu: " + reason);
+    py::gil_scoped_release release;
+    kcpu::kv16_attention(params);
+    return {out, lse};
+  }
+
   ftengine::kernels::cpu::AttentionParams params;
   params.q = static_cast<const float*>(q.data());
   params.q_token_stride = num_heads * head_dim;
@@ -237,6 +279,9 @@ void bind_kernels(py::module_& m) {
   m.def("attention_cpu", &attention_cpu, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("block_table"), py::arg("cu_seqlens_q"), py::arg("seqlens_kv"),
         py::arg("softmax_scale"), py::arg("causal"), py::arg("num_threads") = 0,
-        "Exact attention over a paged KV cache (float32). Returns (out [T, H, D], "
-        "lse [T, H]); see kernels/cpu/attention.h for the layout.");
+        py::arg("kv_dtype") = "float32",
+        "Exact attention over a paged KV cache. Returns (out [T, H, D], lse [T, H]); see "
+        "kernels/cpu/attention.h for the layout. kv_dtype 'bfloat16' or 'float16' takes the "
+        "caches as uint16 arrays of those bits and runs the 16-bit member "
+        "(kernels/cpu/attention_kv16.h, the host tier of cooperative attention).");
 }

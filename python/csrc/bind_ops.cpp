@@ -94,8 +94,9 @@ class CpuOps {
     AttentionShape shape{num_heads, num_kv_heads, head_dim, 1.f, true};
     RotaryArgs args{&inv_freq, head_dim, interleaved};
     Tensor q = backend_->empty({tokens, num_heads, head_dim}, DType::kFloat32);
-    LayerKvCache cache{backend_->empty({tokens, 1, num_kv_heads, head_dim}, DType::kFloat32),
-                       backend_->empty({tokens, 1, num_kv_heads, head_dim}, DType::kFloat32)};
+    LayerKvCache cache;
+    cache.k = backend_->empty({tokens, 1, num_kv_heads, head_dim}, DType::kFloat32);
+    cache.v = backend_->empty({tokens, 1, num_kv_heads, head_dim}, DType::kFloat32);
     backend_->rotary_cache_write(in(qkv), batch, shape, args, q, cache);
     return py::make_tuple(to_numpy(q), to_numpy(cache.k.reshaped({tokens, num_kv_heads, head_dim})),
                           to_numpy(cache.v.reshaped({tokens, num_kv_heads, head_dim})));

@@ -58,20 +58,44 @@ class StreamEvent:
 Prompt = str | Sequence[int]
 
 
+def _kv_bytes_per_token(config: ModelConfig, device: str) -> int:
+    # float32 KV on the CPU, 16-bit on the GPU (and in its host tier).
+    element = 2 if device == "cuda" else 4
+    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * element
+
+
+def _gpu_kv_tokens(config: ModelConfig, device_index: int, gpu_kv_budget: float | None) -> int:
+    """KV tokens the GPU keeps: gpu_kv_budget GiB, by default half of what is free before
+    loading once the weights are counted (activations and workspaces take the rest)."""
+    per_token = _kv_bytes_per_token(config, "cuda")
+    if gpu_kv_budget is not None:
+        return int(gpu_kv_budget * 2**30) // per_token
+    free, _ = _C.cuda_memory_info(device_index)
+    weights = 2 * config.parameter_count()
+    return max(free - weights, 0) // 2 // per_token
+
+
 def _default_kv_cache_tokens(config: ModelConfig, batch: int, device: str = "cpu",
-                             device_index: int = 0) -> int:
-    # Room for `batch` full contexts, capped at a quarter of physical memory on the CPU
-    # (float32 KV), at half of what is free on the GPU before loading (16-bit KV; the weights
-    # and activations take the rest).
+                             gpu_kv_tokens: int = 0) -> int:
+    # Room for `batch` full contexts, capped at a quarter of physical memory on the CPU, at
+    # the GPU's budget on the GPU (a host tier only when asked for: kv_cache_tokens).
     wanted = config.max_position_embeddings * batch
     if device == "cuda":
-        per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2
-        free, _ = _C.cuda_memory_info(device_index)
-        weights = 2 * config.parameter_count()
-        return max(256, min(wanted, max(free - weights, 0) // 2 // per_token))
-    per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
+        return max(256, min(wanted, gpu_kv_tokens))
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return max(256, min(wanted, memory // 4 // per_token))
+    return max(256, min(wanted, memory // 4 // _kv_bytes_per_token(config, device)))
+
+
+def _available_host_memory() -> int:
+    """Bytes the kernel could hand out now (MemAvailable), or physical memory without /proc."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class Engine:
@@ -110,6 +134,8 @@ class Engine:
         allreduce_tile_tokens: int = 0,
         cuda_graphs: bool = True,
         attention_kernel: str = "auto",
+        gpu_kv_budget: float | None = None,
+        host_tier_attention: str = "auto",
     ) -> Engine:
         """Loads a model: a Hugging Face directory (config.json, *.safetensors, tokenizer
         files), a llama.cpp GGUF file (quantised weights are dequantised at load), or a known
@@ -127,11 +153,29 @@ class Engine:
         forces one member of the GPU FastAttention family ("prefill_sm80", ...) for every
         attention call instead of the best for each ("auto").
 
+        On the GPU, gpu_kv_budget (GiB) bounds the KV cache kept in GPU memory (default: half
+        of the memory free beside the weights). A kv_cache_tokens beyond it puts the rest in a
+        host tier of pinned host memory: attention then runs over both tiers, the CPU
+        attending over host keys while the GPU attends over its own (CPU-GPU cooperative
+        attention). host_tier_attention picks where host keys are attended: "auto" (the CPU
+        for decode, copied to the GPU for prompt chunks), "cpu" or "stream".
+
         tp > 1 splits the model over that many MPI ranks (run under `mpirun -np tp`; every rank
         makes the same calls). allreduce_tile_tokens sets the token tile of the overlapped
         AllReduce after row-parallel projections: 0 chooses, -1 turns tiling off.
         """
         device_kind, device_index = _parse_device(device)
+        if gpu_kv_budget is not None:
+            if device_kind != "cuda":
+                raise FtengineError("gpu_kv_budget sizes the GPU's share of the KV cache: "
+                                    "it needs device='cuda'")
+            if isinstance(gpu_kv_budget, bool) or not isinstance(gpu_kv_budget, (int, float)) \
+                    or not gpu_kv_budget > 0:
+                raise FtengineError(f"gpu_kv_budget must be a positive number of GiB, got "
+                                    f"{gpu_kv_budget!r}")
+        if host_tier_attention not in ("auto", "cpu", "stream"):
+            raise FtengineError(f"host_tier_attention must be auto, cpu or stream, got "
+                                f"{host_tier_attention!r}")
         if dtype is not None and dtype not in _WEIGHT_DTYPES[device_kind]:
             raise FtengineError(
                 f"dtype on {device_kind} must be one of {_WEIGHT_DTYPES[device_kind]}, "
@@ -186,13 +230,27 @@ class Engine:
             distributed.agree(comm, "the engine settings",
                               (kv_cache_tokens, max_batch_tokens, max_num_seqs, block_size,
                                allreduce_tile_tokens))
+        gpu_kv_tokens = (_gpu_kv_tokens(config, device_index, gpu_kv_budget)
+                         if device_kind == "cuda" else 0)
         if kv_cache_tokens is None:
             kv_cache_tokens = _default_kv_cache_tokens(config, max_num_seqs, device_kind,
-                                                       device_index)
+                                                       gpu_kv_tokens)
             if comm is not None:
                 # Sized from each host's memory: every rank takes the smallest, or ranks with
                 # room for more requests would schedule steps the others cannot follow.
                 kv_cache_tokens = distributed.smallest(comm, kv_cache_tokens)
+
+        if device_kind == "cuda" and kv_cache_tokens > gpu_kv_tokens:
+            host_bytes = (kv_cache_tokens - gpu_kv_tokens) * _kv_bytes_per_token(config, "cuda")
+            available = _available_host_memory()
+            if gpu_kv_tokens < block_size or host_bytes > 0.9 * available:
+                raise FtengineError(
+                    f"kv_cache_tokens={kv_cache_tokens} needs {host_bytes / 2**30:.1f} GiB of "
+                    f"host memory beside the GPU's {gpu_kv_tokens} tokens, with "
+                    f"{available / 2**30:.1f} GiB available: lower kv_cache_tokens or raise "
+                    f"gpu_kv_budget")
+        else:
+            gpu_kv_tokens = 0  # everything fits the GPU: no host tier
 
         def load():
             runtime = _C.Runtime(
@@ -208,6 +266,8 @@ class Engine:
                 device_index=device_index,
                 cuda_graphs=cuda_graphs,
                 attention_kernel=attention_kernel,
+                gpu_kv_tokens=gpu_kv_tokens,
+                host_tier_route=host_tier_attention,
             )
             stream_weights(needed, runtime.add_weight, progress and rank == 0,
                            f"loading {Path(checkpoint.name).name}")

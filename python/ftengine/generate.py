@@ -55,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU: storage of the weight matrices, float32 or bfloat16 (default: "
                         "as in the checkpoint); GPU: bfloat16 (default) or float16 for weights, "
                         "activations and KV cache")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None,
+                        help="KV cache capacity in tokens, shared by all requests (default: "
+                        "the model's context per request, within the memory budget)")
+    parser.add_argument("--gpu-kv-budget", type=float, default=None, metavar="GIB",
+                        help="GPU memory for the KV cache in GiB (default: half of what is free "
+                        "beside the weights); a --kv-cache-tokens beyond it keeps the rest in "
+                        "host memory, attended by the CPU and the GPU together")
+    parser.add_argument("--host-tier-attention", choices=("auto", "cpu", "stream"),
+                        default="auto",
+                        help="where keys in host memory are attended: the CPU, or copied to "
+                        "the GPU (auto: the CPU for decode, the GPU for prompt chunks)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per process (default: all cores, divided among the "
                         "ranks of one host under mpirun)")
@@ -150,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine.from_pretrained(model, device=args.device, dtype=args.dtype,
                                         num_threads=args.threads or _threads_per_rank(),
                                         progress=not args.quiet, tp=args.tp,
-                                        allreduce_tile_tokens=args.allreduce_tile_tokens)
+                                        allreduce_tile_tokens=args.allreduce_tile_tokens,
+                                        kv_cache_tokens=args.kv_cache_tokens,
+                                        gpu_kv_budget=args.gpu_kv_budget,
+                                        host_tier_attention=args.host_tier_attention)
         if not args.quiet:
             print(f"loaded {model} in {time.perf_counter() - started:.1f} s "
                   f"({engine.dtype} weights)", file=sys.stderr)

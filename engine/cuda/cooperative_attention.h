@@ -1,0 +1,107 @@
+// CPU-GPU cooperative attention (FastAttention §3.4): attention over a paged KV cache whose last
+// blocks live in pinned host memory (the host tier, engine/kv_cache.h).
+//
+// A sequence's host-tier keys are a suffix of its positions, and a step's new tokens lie all
+// before the tier or all in it (the generator cuts chunks there). So each layer splits cleanly:
+//   - the GPU attends over every sequence's device keys in one call, as without a tier (a
+//     sequence whose queries are in the tier sees its whole device prefix: causal is moot for
+//     one query; several queries get their own non-causal call);
+//   - the host keys of a sequence with one query (decode) are attended by the CPU kernel of
+//     kernels/cpu/attention_kv16.h, in place, while the GPU works: the queries go to the host
+//     first, the partial output and log-sum-exp come back;
+//   - the host keys of a sequence with several queries (a prompt chunk: matrix work the CPU
+//     would take seconds over) are copied to the GPU and attended there;
+// and each partial is folded into the GPU's by log-sum-exp. Exact, whatever the split.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "engine/allocator.h"
+#include "engine/backend.h"
+#include "engine/forward_batch.h"
+#include "engine/kv_cache.h"
+#include "engine/tensor.h"
+#include "kernels/cuda/attention/attention_params.h"
+
+namespace ftengine::cuda {
+
+// Where host-tier keys are attended: kAuto picks per sequence (see the header comment).
+enum class HostTierRoute : int { kAuto, kCpu, kStream };
+HostTierRoute parse_host_tier_route(const std::string& name);
+
+class CooperativeAttention {
+ public:
+  // `run_gpu` runs one GPU attention call on the stream (the backend's dispatch).
+  using RunGpu = std::function<void(const kernels::cuda::AttentionParams&)>;
+
+  CooperativeAttention(Allocator& device, Allocator& pinned, cudaStream_t stream,
+                       HostTierRoute route);
+  ~CooperativeAttention();
+
+  // Plans a step from its host values and uploads what the GPU calls read. False (and nothing
+  // else happens) when no sequence of the step attends over host-tier keys.
+  bool plan(const ForwardBatch& batch);
+  bool active() const { return active_; }
+
+  // One layer: `whole` describes the call without a tier (q, out, an lse the merges update,
+  // the cache's device blocks, the step's device index arrays).
+  void run(const kernels::cuda::AttentionParams& whole, const LayerKvCache& cache,
+           const RunGpu& run_gpu);
+
+  const HostTierStats& stats() const { return stats_; }
+
+ private:
+  struct HostPart {
+    int32_t seq;
+    int32_t q_start;
+    int32_t q_len;
+    int32_t device_len;  // keys on the GPU: positions [0, device_len)
+    int32_t host_len;    // keys in the host tier: positions [device_len, device_len + host_len)
+    int32_t device_args;  // offset in the uploaded indices of {0, q_len, device_len}
+    int32_t host_args;    // ... of {0, q_len, host_len}
+  };
+
+  Tensor grow(Tensor& buffer, Allocator& allocator, size_t bytes);
+  void run_cpu_parts(const kernels::cuda::AttentionParams& whole, const LayerKvCache& cache);
+  void stream_part(const HostPart& part, const kernels::cuda::AttentionParams& whole,
+                   const LayerKvCache& cache, const RunGpu& run_gpu);
+
+  Allocator& device_;
+  Allocator& pinned_;
+  cudaStream_t stream_;
+  HostTierRoute route_;
+  cudaEvent_t queries_ready_ = nullptr;
+  bool active_ = false;
+  const ForwardBatch* batch_ = nullptr;
+
+  std::vector<HostPart> cpu_parts_;
+  std::vector<HostPart> streamed_parts_;
+  // Inputs of the CPU kernel over cpu_parts_, packed: query rows, lengths, table rows.
+  std::vector<int32_t> cpu_cu_seqlens_;
+  std::vector<int32_t> cpu_seqlens_;
+  std::vector<int32_t> cpu_table_;  // global block ids; host-tier ids at run time
+  std::vector<int32_t> cpu_host_table_;
+  int32_t cpu_table_stride_ = 0;
+  int32_t cpu_rows_ = 0;
+  int32_t max_streamed_blocks_ = 0;
+  int32_t max_device_len_ = 0;
+
+  // Device: the uploaded indices (device seqlens, CPU rows' tokens, per-part arguments, the
+  // identity block table of the staging area), scratch, staging; host: pinned transfers.
+  std::vector<int32_t> host_indices_;
+  Tensor indices_;
+  int32_t device_seqlens_ = 0, cpu_tokens_ = 0, identity_table_ = 0;  // offsets in indices_
+  Tensor scratch_lse_, part_out_, part_lse_, stage_k_, stage_v_, cpu_results_;
+  Tensor pinned_queries_, pinned_results_;
+  std::vector<float> queries_f32_;
+
+  HostTierStats stats_;
+};
+
+}  // namespace ftengine::cuda
