@@ -67,7 +67,6 @@ def case_routes(args) -> dict:
     the GPU), for each route."""
     config = ModelConfig(**{**LLAMA_7B, "num_layers": 2, "max_position_embeddings": 65536})
     device_tokens, host_tokens = 16384, 32768
-    budget = device_tokens * kv_bytes_per_token(config)
     results = {}
     for route in ("cpu", "stream"):
         runtime = build_runtime(config, 1, device_tokens + host_tokens + 1024,
@@ -88,7 +87,7 @@ def case_routes(args) -> dict:
                   f"{min(times) * 1e3:8.2f} ms per step (2 layers)", flush=True)
         del runtime
         torch.cuda.empty_cache()
-    for queries, row in results.items():
+    for row in results.values():
         row["faster"] = min(("cpu", "stream"), key=lambda r: row[r])
     return {"device_tokens": device_tokens, "host_tokens": host_tokens, "layers": 2,
             "step_seconds": results}

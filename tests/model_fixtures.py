@@ -66,3 +66,27 @@ def make_tiny_llama(
                 parameter.uniform_(0.5, 1.5)
     model.to(dtype).save_pretrained(directory)
     return model.float()
+
+
+# name -> LlamaConfig overrides for the GPU tests: head sizes the FastAttention CUDA members
+# serve (64, 128).
+CUDA_VARIANTS: dict[str, dict] = {
+    "gqa_hd64": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64),
+    "mha_hd128": dict(hidden_size=256, intermediate_size=512, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=128),
+    "mqa_tied_bias": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                          num_key_value_heads=1, head_dim=64, tie_word_embeddings=True,
+                          attention_bias=True, mlp_bias=True),
+    "llama3_rope_gqa8": dict(
+        hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=1,
+        head_dim=64, rope_parameters=dict(
+            rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+            high_freq_factor=4.0, original_max_position_embeddings=64)),
+}
+CUDA_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_reference(directory, dtype):
+    """The transformers model of a checkpoint directory, on the GPU, in `dtype`."""
+    return LlamaForCausalLM.from_pretrained(directory, dtype=dtype).cuda().eval()

@@ -9,56 +9,14 @@ import numpy as np
 import pytest
 import torch
 from ftengine import _C, Engine, SamplingParams
-from model_fixtures import make_tiny_llama
-from transformers import LlamaForCausalLM
+from model_fixtures import CUDA_DTYPES as DTYPES
+from model_fixtures import CUDA_VARIANTS, load_reference, make_tiny_llama
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not (_C.has_cuda and torch.cuda.is_available()),
                        reason="needs a GPU and a CUDA build of ftengine"),
 ]
-
-# name -> LlamaConfig overrides: head sizes the FastAttention CUDA members serve (64, 128).
-CUDA_VARIANTS = {
-    "gqa_hd64": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=64),
-    "mha_hd128": dict(hidden_size=256, intermediate_size=512, num_attention_heads=2,
-                      num_key_value_heads=2, head_dim=128),
-    "mqa_tied_bias": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                          num_key_value_heads=1, head_dim=64, tie_word_embeddings=True,
-                          attention_bias=True, mlp_bias=True),
-    "llama3_rope_gqa8": dict(
-        hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=1,
-        head_dim=64, rope_parameters=dict(
-            rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-            high_freq_factor=4.0, original_max_position_embeddings=64)),
-}
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@pytest.fixture(scope="module")
-def cuda_model(tmp_path_factory):
-    """make(variant, dtype) -> (directory, float32 transformers model on the GPU), one checkpoint
-    per pair. The reference is loaded back from the file: its weights are the checkpoint's
-    rounded ones, its rotary frequencies float32 (a model cast with .to(bfloat16) would round
-    those too, and drift from every correct implementation as positions grow)."""
-    cache = {}
-
-    def make(variant: str, dtype: str):
-        key = (variant, dtype)
-        if key not in cache:
-            directory = tmp_path_factory.mktemp(f"cuda-{variant}-{dtype}")
-            make_tiny_llama(directory, "gqa", dtype=DTYPES[dtype], initializer_range=0.1,
-                            **CUDA_VARIANTS[variant])
-            cache[key] = (directory, load_reference(directory, torch.float32))
-        return cache[key]
-
-    return make
-
-
-def load_reference(directory, dtype):
-    return LlamaForCausalLM.from_pretrained(directory, dtype=dtype).cuda().eval()
-
 
 def hf_logits(model, ids):
     with torch.no_grad():
@@ -129,24 +87,34 @@ def reference_greedy(model, ids, new_tokens):
     return tokens, margins
 
 
+def assert_greedy_matches(reference, prompt, tokens, noise):
+    """Our greedy continuation equals the float32 reference's up to the first step whose margin
+    is within twice `noise` (decided by rounding, in any implementation); after it, the two
+    continue from different tokens."""
+    expected, margins = reference_greedy(reference, prompt, len(tokens))
+    for step, (ours, theirs) in enumerate(zip(tokens, expected, strict=True)):
+        if ours != theirs:
+            assert margins[step] < 2 * noise, (step, ours, theirs, margins[step], noise)
+            break
+
+
+def dtype_noise(directory, reference, dtype):
+    """How far transformers itself, in this dtype, strays from float32 on PROMPT's logits."""
+    return np.abs(low_precision_logits(directory, PROMPT, dtype) -
+                  hf_logits(reference, PROMPT)).max()
+
+
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("variant", ["gqa_hd64", "mha_hd128", "llama3_rope_gqa8"])
 def test_greedy_batch_matches_transformers(cuda_model, variant, dtype):
     directory, reference = cuda_model(variant, dtype)
     engine = Engine.from_pretrained(directory, device="cuda", dtype=dtype, progress=False,
                                     kv_cache_tokens=8192)
-    # How far transformers itself, in this dtype, strays from float32 on these logits: a step
-    # whose float32 margin is within twice that is decided by rounding, in any implementation.
-    noise = np.abs(low_precision_logits(directory, PROMPT, dtype) -
-                   hf_logits(reference, PROMPT)).max()
+    noise = dtype_noise(directory, reference, dtype)
     prompts = [PROMPT[:5], PROMPT, PROMPT[:37] + PROMPT[60:]]
     outputs = engine.generate(prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))
     for prompt, output in zip(prompts, outputs, strict=True):
-        expected, margins = reference_greedy(reference, prompt, 20)
-        for step, (ours, theirs) in enumerate(zip(output.token_ids, expected, strict=True)):
-            if ours != theirs:
-                assert margins[step] < 2 * noise, (step, ours, theirs, margins[step], noise)
-                break
+        assert_greedy_matches(reference, prompt, output.token_ids, noise)
 
 
 ATTENTION_KERNELS = ["prefill_sm80"]  # members that can serve every call of a model
@@ -168,17 +136,12 @@ def test_forced_attention_kernel_matches_transformers(cuda_model, kernel, dtype)
     directory, reference = cuda_model("gqa_hd64", dtype)
     engine = Engine.from_pretrained(directory, device="cuda", dtype=dtype, progress=False,
                                     kv_cache_tokens=4096, attention_kernel=kernel)
-    noise = np.abs(low_precision_logits(directory, PROMPT, dtype) -
-                   hf_logits(reference, PROMPT)).max()
     assert_within_twice_torch(engine.logits(PROMPT), hf_logits(reference, PROMPT),
                               low_precision_logits(directory, PROMPT, dtype))
     output = engine.generate([PROMPT[:40]], SamplingParams(max_new_tokens=20,
                                                            ignore_eos=True))[0]
-    expected, margins = reference_greedy(reference, PROMPT[:40], 20)
-    for step, (ours, theirs) in enumerate(zip(output.token_ids, expected, strict=True)):
-        if ours != theirs:
-            assert margins[step] < 2 * noise, (step, margins[step], noise)
-            break
+    assert_greedy_matches(reference, PROMPT[:40], output.token_ids,
+                          dtype_noise(directory, reference, dtype))
 
 
 @pytest.mark.parametrize("variant", ["gqa_hd64", "mha_hd128"])

@@ -17,9 +17,10 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-// Keys widened at a time: K and V chunks of 32 × head_dim floats stay in L1 with the queries.
-constexpr int32_t kChunkKeys = 32;
-// Query rows (tokens × heads of one KV head) one work item carries; more go to further items.
+// Floats of K (and of V) widened at a time: a chunk of keys of the item's heads, in L2.
+constexpr int32_t kChunkFloats = 65536;
+constexpr int32_t kMaxChunkKeys = 64;
+// Query rows (tokens × query heads) one work item carries; more go to further items.
 constexpr int32_t kMaxRows = 32;
 constexpr int32_t kMaxHeadDim = 256;
 // A split is worth its merge only above this many keys.
@@ -34,13 +35,17 @@ inline void widen(const uint16_t* source, float* destination, int32_t count) {
   }
 }
 
-// One unit of parallel work: the query rows [first_row, first_row + rows) of a KV head of a
-// sequence (row = token * group + head in group) against the keys of one split.
+// One unit of parallel work: query tokens [first_token, first_token + tokens) of a sequence,
+// the query heads of KV heads [first_kv_head, first_kv_head + kv_heads), against the keys of
+// one split. An item takes as many adjacent KV heads as its rows allow: a token's K (or V)
+// row of those heads is one contiguous read, where one head alone would read a few hundred
+// bytes per token with a page-sized stride, which the CPU's prefetchers do not follow.
 struct WorkItem {
   int32_t seq;
-  int32_t kv_head;
-  int32_t first_row;
-  int32_t rows;
+  int32_t first_kv_head;
+  int32_t kv_heads;
+  int32_t first_token;
+  int32_t tokens;
   int32_t split;
 };
 
@@ -88,92 +93,104 @@ class Kv16Attention {
   // Splits the keys so that every thread has a few items to balance over, but no split is
   // shorter than kMinSplitKeys.
   std::vector<WorkItem> plan(int threads) {
-    int64_t longest = 0, row_groups = 0;
+    // Row groups (items per split) of every sequence: tokens and KV heads per item.
+    std::vector<WorkItem> groups;
+    int64_t longest = 0;
     for (int32_t seq = 0; seq < p_.batch; ++seq) {
       longest = std::max<int64_t>(longest, p_.seqlens_kv[seq]);
-      const int64_t q_len = p_.cu_seqlens_q[seq + 1] - p_.cu_seqlens_q[seq];
-      row_groups += (q_len * group_ + kMaxRows - 1) / kMaxRows * p_.num_kv_heads;
+      const int32_t q_len = p_.cu_seqlens_q[seq + 1] - p_.cu_seqlens_q[seq];
+      const int32_t tokens = std::max(1, std::min(q_len, kMaxRows / group_));
+      const int32_t kv_heads = std::max(1, std::min(p_.num_kv_heads, kMaxRows / (tokens * group_)));
+      for (int32_t token = 0; token < q_len; token += tokens) {
+        for (int32_t head = 0; head < p_.num_kv_heads; head += kv_heads) {
+          groups.push_back({seq, head, std::min(kv_heads, p_.num_kv_heads - head), token,
+                            std::min(tokens, q_len - token), 0});
+        }
+      }
     }
-    const int64_t wanted = (4 * int64_t{threads} + std::max<int64_t>(row_groups, 1) - 1) /
-                           std::max<int64_t>(row_groups, 1);
+    const int64_t count = std::max<int64_t>(static_cast<int64_t>(groups.size()), 1);
+    const int64_t wanted = (4 * int64_t{threads} + count - 1) / count;
     splits_ = static_cast<int>(
         std::max<int64_t>(1, std::min(wanted, (longest + kMinSplitKeys - 1) / kMinSplitKeys)));
     std::vector<WorkItem> items;
-    for (int32_t seq = 0; seq < p_.batch; ++seq) {
-      const int32_t q_rows = (p_.cu_seqlens_q[seq + 1] - p_.cu_seqlens_q[seq]) * group_;
-      for (int32_t kv_head = 0; kv_head < p_.num_kv_heads; ++kv_head) {
-        for (int32_t first = 0; first < q_rows; first += kMaxRows) {
-          for (int32_t split = 0; split < splits_; ++split) {
-            items.push_back({seq, kv_head, first, std::min(kMaxRows, q_rows - first), split});
-          }
-        }
+    for (const WorkItem& group : groups) {
+      for (int32_t split = 0; split < splits_; ++split) {
+        items.push_back(group);
+        items.back().split = split;
       }
     }
     return items;
   }
 
   size_t scratch_floats() const {
-    // Queries, accumulators, K and V chunks, scores.
-    return static_cast<size_t>(2 * kMaxRows * p_.head_dim + 2 * kChunkKeys * p_.head_dim +
-                               kMaxRows * kChunkKeys + 2 * kMaxRows);
+    // Queries, accumulators, K and V chunks, scores, running max and sum.
+    return static_cast<size_t>(2 * kMaxRows * p_.head_dim + 2 * kChunkFloats +
+                               kMaxRows * kMaxChunkKeys + 2 * kMaxRows);
   }
 
   template <Kv16Type kType>
   void attend(const WorkItem& item, float* scratch, float* partial_out,
               float* partial_lse) const {
     const int32_t dim = p_.head_dim;
+    const int32_t heads = item.kv_heads * group_;  // query heads of the item
+    const int32_t rows = item.tokens * heads;      // row = token * heads + head
+    const int32_t span = item.kv_heads * dim;      // floats of one key row of the item's heads
+    const int32_t chunk_keys = std::max(1, std::min(kMaxChunkKeys, kChunkFloats / span));
     float* const q = scratch;
     float* const acc = q + kMaxRows * dim;
     float* const keys = acc + kMaxRows * dim;
-    float* const values = keys + kChunkKeys * dim;
-    float* const scores = values + kChunkKeys * dim;
-    float* const row_max = scores + kMaxRows * kChunkKeys;
+    float* const values = keys + kChunkFloats;
+    float* const scores = values + kChunkFloats;
+    float* const row_max = scores + kMaxRows * kMaxChunkKeys;
     float* const row_sum = row_max + kMaxRows;
 
     const int32_t q_start = p_.cu_seqlens_q[item.seq];
     const int32_t q_len = p_.cu_seqlens_q[item.seq + 1] - q_start;
     const int32_t kv_len = p_.seqlens_kv[item.seq];
-    // This split's keys: equal slices of the sequence, chunk-aligned.
-    const int64_t per_split =
-        ((int64_t{kv_len} + splits_ - 1) / splits_ + kChunkKeys - 1) / kChunkKeys * kChunkKeys;
+    // This split's keys: equal slices of the sequence.
+    const int64_t per_split = (int64_t{kv_len} + splits_ - 1) / splits_;
     const int64_t begin = std::min<int64_t>(kv_len, item.split * per_split);
     int64_t end = std::min<int64_t>(kv_len, begin + per_split);
     // Causal: the item's last query sees keys up to its own position, no further.
     const int32_t first_position = kv_len - q_len;
-    const int32_t last_token = (item.first_row + item.rows - 1) / group_;
-    if (p_.causal) end = std::min<int64_t>(end, int64_t{first_position} + last_token + 1);
+    if (p_.causal) {
+      end = std::min<int64_t>(end, int64_t{first_position} + item.first_token + item.tokens);
+    }
 
     const float scale = p_.softmax_scale * kLog2e;  // scores in log2 units: exp2 below
-    for (int32_t r = 0; r < item.rows; ++r) {
-      const int32_t row = item.first_row + r;
-      const int64_t head = int64_t{item.kv_head} * group_ + row % group_;
-      const float* source = p_.q + ((q_start + row / group_) * int64_t{p_.num_heads} + head) * dim;
+    const int64_t first_head = int64_t{item.first_kv_head} * group_;
+    for (int32_t r = 0; r < rows; ++r) {
+      const int64_t token = q_start + item.first_token + r / heads;
+      const float* source = p_.q + (token * p_.num_heads + first_head + r % heads) * dim;
       for (int32_t d = 0; d < dim; ++d) q[r * dim + d] = source[d] * scale;
       std::fill(acc + r * dim, acc + (r + 1) * dim, 0.f);
       row_max[r] = kNegInf;
       row_sum[r] = 0.f;
     }
 
-    for (int64_t chunk = begin; chunk < end; chunk += kChunkKeys) {
-      const int32_t count = static_cast<int32_t>(std::min<int64_t>(kChunkKeys, end - chunk));
+    for (int64_t chunk = begin; chunk < end; chunk += chunk_keys) {
+      const int32_t count = static_cast<int32_t>(std::min<int64_t>(chunk_keys, end - chunk));
       for (int32_t j = 0; j < count; ++j) {
         const int64_t position = chunk + j;
         const int64_t offset =
             p_.block_table[int64_t{item.seq} * p_.block_table_stride + position / p_.block_size] *
                 p_.kv_block_stride +
-            (position % p_.block_size) * p_.kv_token_stride + item.kv_head * p_.kv_head_stride;
-        widen<kType>(p_.k_cache + offset, keys + j * dim, dim);
-        widen<kType>(p_.v_cache + offset, values + j * dim, dim);
+            (position % p_.block_size) * p_.kv_token_stride +
+            int64_t{item.first_kv_head} * p_.kv_head_stride;
+        // The item's heads are adjacent: one contiguous row each of K and V (head stride dim).
+        widen<kType>(p_.k_cache + offset, keys + j * span, span);
+        widen<kType>(p_.v_cache + offset, values + j * span, span);
       }
-      for (int32_t r = 0; r < item.rows; ++r) {
+      for (int32_t r = 0; r < rows; ++r) {
         const int64_t visible =
-            p_.causal ? int64_t{first_position} + (item.first_row + r) / group_ + 1 : kv_len;
-        float* score = scores + r * kChunkKeys;
+            p_.causal ? int64_t{first_position} + item.first_token + r / heads + 1 : kv_len;
+        const int32_t head_offset = (r % heads) / group_ * dim;  // its KV head in the rows
+        const float* query = q + r * dim;
+        float* score = scores + r * kMaxChunkKeys;
         float chunk_max = kNegInf;
         for (int32_t j = 0; j < count; ++j) {
           float dot = 0.f;
-          const float* key = keys + j * dim;
-          const float* query = q + r * dim;
+          const float* key = keys + j * span + head_offset;
 #pragma omp simd reduction(+ : dot)
           for (int32_t d = 0; d < dim; ++d) dot += query[d] * key[d];
           score[j] = chunk + j < visible ? dot : kNegInf;
@@ -194,18 +211,16 @@ class Kv16Attention {
         for (int32_t d = 0; d < dim; ++d) accumulator[d] *= correction;
         for (int32_t j = 0; j < count; ++j) {
           const float weight = score[j];
-          const float* value = values + j * dim;
+          const float* value = values + j * span + head_offset;
 #pragma omp simd
           for (int32_t d = 0; d < dim; ++d) accumulator[d] += weight * value[d];
         }
       }
     }
 
-    for (int32_t r = 0; r < item.rows; ++r) {
-      const int32_t row = item.first_row + r;
+    for (int32_t r = 0; r < rows; ++r) {
       const int64_t index =
-          (q_start + row / group_) * int64_t{p_.num_heads} + int64_t{item.kv_head} * group_ +
-          row % group_;
+          (q_start + item.first_token + r / heads) * int64_t{p_.num_heads} + first_head + r % heads;
       const float sum = row_sum[r];
       const float inverse = sum > 0.f ? 1.f / sum : 0.f;
       for (int32_t d = 0; d < dim; ++d) partial_out[index * dim + d] = acc[r * dim + d] * inverse;
@@ -237,6 +252,9 @@ std::string kv16_attention_unsupported_reason(const Kv16AttentionParams& p) {
            std::to_string(p.head_dim);
   }
   if (p.block_size <= 0) return "block_size must be positive";
+  if (p.kv_head_stride != p.head_dim) {
+    return "the KV heads of a token must be adjacent (kv_head_stride == head_dim)";
+  }
   if (!(p.softmax_scale > 0.f) || !std::isfinite(p.softmax_scale)) {
     return "softmax_scale must be positive and finite";
   }

@@ -5,9 +5,10 @@
 //
 // Its queries are few (decode steps, short chunks), so the work is one read of K and V, and
 // the plan differs from the float32 member's (kernels/cpu/attention.h, matrix products over
-// float32 copies): the keys of each (sequence, KV head) are split across the threads, each
-// split widens its keys to float32 in L1-sized chunks next to an online softmax over the
-// queries of that KV head, and the splits are merged by log-sum-exp.
+// float32 copies): each sequence's keys are split across the threads, each split reads the
+// K/V rows of several adjacent heads at once (sequential memory, which the prefetchers
+// follow), widens them to float32 in L2-sized chunks next to an online softmax over those
+// heads' queries, and the splits are merged by log-sum-exp.
 #pragma once
 
 #include <cstdint>
@@ -30,7 +31,7 @@ struct Kv16AttentionParams {
   Kv16Type kv_type = Kv16Type::kBFloat16;
   int64_t kv_block_stride = 0;
   int64_t kv_token_stride = 0;
-  int64_t kv_head_stride = 0;
+  int64_t kv_head_stride = 0;  // must be head_dim: a token's heads are adjacent
   int32_t block_size = 0;
   const int32_t* block_table = nullptr;  // [batch][block_table_stride]
   int32_t block_table_stride = 0;
