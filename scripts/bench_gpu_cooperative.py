@@ -98,11 +98,12 @@ def case_long(args, shape: dict, name: str) -> dict:
     per_token = kv_bytes_per_token(config)
     gpu_tokens = int(args.gpu_kv_budget * GIB) // per_token
     result = {"shape": name, "context": args.context, "gpu_kv_budget_gib": args.gpu_kv_budget,
+              "route": args.route,
               "gpu_kv_tokens": gpu_tokens, "kv_gib_total": args.context * per_token / GIB,
               "device": torch.cuda.get_device_name()}
     start = time.perf_counter()
     runtime = build_runtime(config, 1, args.context + 64, max_step_tokens=args.chunk,
-                            gpu_kv_tokens=gpu_tokens)
+                            gpu_kv_tokens=gpu_tokens, host_tier_route=args.route)
     result["host_tier_tokens"] = runtime.host_tier_tokens
     result["host_tier_gib"] = runtime.host_tier_tokens * per_token / GIB
     result["load_seconds"] = time.perf_counter() - start
@@ -120,10 +121,12 @@ def case_long(args, shape: dict, name: str) -> dict:
         "cpu_attention": stats["cpu_seconds"],
         "waiting_for_queries": stats["query_wait_seconds"],
         "gpu_and_transfers": 1 / rate - stats["cpu_seconds"] - stats["query_wait_seconds"],
+        "streamed_gib": stats["streamed_bytes"] / GIB,
     }
     print(f"{name}: time to first token {first:.1f} s ({result['prefill']}); decode "
           f"{rate:.2f} tokens/s; per step: CPU attention {stats['cpu_seconds']:.3f} s, "
-          f"waiting for queries {stats['query_wait_seconds']:.3f} s", flush=True)
+          f"waiting for queries {stats['query_wait_seconds']:.3f} s, streamed "
+          f"{stats['streamed_bytes'] / GIB:.1f} GiB", flush=True)
     # The GPU alone: the longest context its share holds, decoded without a host tier.
     alone = gpu_tokens - args.new_tokens - 128
     _, alone_rate, _ = decode(runtime, alone, args.new_tokens, alone - 1)
@@ -143,6 +146,8 @@ def main() -> int:
                         help="GiB of GPU memory for the KV cache")
     parser.add_argument("--chunk", type=int, default=16384, help="prefill tokens per step")
     parser.add_argument("--new-tokens", type=int, default=6, help="decode steps to time")
+    parser.add_argument("--route", choices=["auto", "cpu", "stream"], default="auto",
+                        help="where host-tier keys are attended")
     parser.add_argument("--prefill", action=argparse.BooleanOptionalAction, default=None,
                         help="a real prefill (default for llama-7b) or a synthetic cache")
     parser.add_argument("--out", default="bench_results", help="folder for the JSON")
@@ -159,7 +164,8 @@ def main() -> int:
         result = case_long(args, LLAMA_7B if seven else LLAMA3_8B, args.case)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench_gpu_cooperative_{args.case}.json"
+    suffix = "" if args.case == "routes" or args.route == "auto" else f"_{args.route}"
+    path = out / f"bench_gpu_cooperative_{args.case}{suffix}.json"
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0

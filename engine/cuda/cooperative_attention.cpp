@@ -55,6 +55,14 @@ Tensor CooperativeAttention::grow(Tensor& buffer, Allocator& allocator, size_t b
   return buffer;
 }
 
+bool CooperativeAttention::cpu_route() const {
+  // auto streams: on the H100 machine (docs/PERFORMANCE.md) its 16 cores attend over host keys
+  // at ~33 GB/s while the bus streams them at ~48 GB/s, so the GPU wins even for one query,
+  // and by far for chunks (the CPU is compute-bound there). "cpu" serves hosts whose memory
+  // outruns their bus.
+  return route_ == HostTierRoute::kCpu;
+}
+
 bool CooperativeAttention::plan(const ForwardBatch& batch) {
   active_ = batch.uses_host_tier();
   batch_ = &batch;
@@ -94,9 +102,7 @@ bool CooperativeAttention::plan(const ForwardBatch& batch) {
   }
   cpu_tokens_ = static_cast<int32_t>(host_indices_.size());
   for (HostPart& part : parts) {
-    const bool on_cpu = route_ == HostTierRoute::kCpu ||
-                        (route_ == HostTierRoute::kAuto && part.q_len == 1);
-    if (!on_cpu) continue;
+    if (!cpu_route()) continue;
     for (int32_t t = 0; t < part.q_len; ++t) host_indices_.push_back(part.q_start + t);
     cpu_rows_ += part.q_len;
   }
@@ -105,9 +111,7 @@ bool CooperativeAttention::plan(const ForwardBatch& batch) {
     host_indices_.insert(host_indices_.end(), {0, part.q_len, part.device_len});
     part.host_args = static_cast<int32_t>(host_indices_.size());
     host_indices_.insert(host_indices_.end(), {0, part.q_len, part.host_len});
-    const bool on_cpu = route_ == HostTierRoute::kCpu ||
-                        (route_ == HostTierRoute::kAuto && part.q_len == 1);
-    (on_cpu ? cpu_parts_ : streamed_parts_).push_back(part);
+    (cpu_route() ? cpu_parts_ : streamed_parts_).push_back(part);
   }
   // Table rows of the CPU parts start at their first host-tier block (block ids are
   // host-tier-relative at run time, when the cache says where its tier starts).

@@ -6,11 +6,11 @@
 //   - the GPU attends over every sequence's device keys in one call, as without a tier (a
 //     sequence whose queries are in the tier sees its whole device prefix: causal is moot for
 //     one query; several queries get their own non-causal call);
-//   - the host keys of a sequence with one query (decode) are attended by the CPU kernel of
-//     kernels/cpu/attention_kv16.h, in place, while the GPU works: the queries go to the host
-//     first, the partial output and log-sum-exp come back;
-//   - the host keys of a sequence with several queries (a prompt chunk: matrix work the CPU
-//     would take seconds over) are copied to the GPU and attended there;
+//   - the host keys are either copied to the GPU and attended there ("stream", what auto
+//     picks: faster on the machines measured, by far for prompt chunks, where the CPU is
+//     compute-bound), or attended in place by the CPU kernel of kernels/cpu/attention_kv16.h
+//     while the GPU works ("cpu": the queries go to the host first, the partial output and
+//     log-sum-exp come back) — for hosts whose memory outruns their bus;
 // and each partial is folded into the GPU's by log-sum-exp. Exact, whatever the split.
 #pragma once
 
@@ -31,7 +31,7 @@
 
 namespace ftengine::cuda {
 
-// Where host-tier keys are attended: kAuto picks per sequence (see the header comment).
+// Where host-tier keys are attended (see the header comment).
 enum class HostTierRoute : int { kAuto, kCpu, kStream };
 HostTierRoute parse_host_tier_route(const std::string& name);
 
@@ -68,6 +68,7 @@ class CooperativeAttention {
   };
 
   Tensor grow(Tensor& buffer, Allocator& allocator, size_t bytes);
+  bool cpu_route() const;
   void run_cpu_parts(const kernels::cuda::AttentionParams& whole, const LayerKvCache& cache);
   void stream_part(const HostPart& part, const kernels::cuda::AttentionParams& whole,
                    const LayerKvCache& cache, const RunGpu& run_gpu);

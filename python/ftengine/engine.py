@@ -157,8 +157,9 @@ class Engine:
         of the memory free beside the weights). A kv_cache_tokens beyond it puts the rest in a
         host tier of pinned host memory: attention then runs over both tiers, the CPU
         attending over host keys while the GPU attends over its own (CPU-GPU cooperative
-        attention). host_tier_attention picks where host keys are attended: "auto" (the CPU
-        for decode, copied to the GPU for prompt chunks), "cpu" or "stream".
+        attention). host_tier_attention picks where host keys are attended: "stream" copies
+        them to the GPU (what "auto" picks: the faster on the machines measured), "cpu" has
+        the CPU attend over them in place while the GPU attends over its own.
 
         tp > 1 splits the model over that many MPI ranks (run under `mpirun -np tp`; every rank
         makes the same calls). allreduce_tile_tokens sets the token tile of the overlapped

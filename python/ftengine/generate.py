@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "host memory, attended by the CPU and the GPU together")
     parser.add_argument("--host-tier-attention", choices=("auto", "cpu", "stream"),
                         default="auto",
-                        help="where keys in host memory are attended: the CPU, or copied to "
-                        "the GPU (auto: the CPU for decode, the GPU for prompt chunks)")
+                        help="where keys in host memory are attended: copied to the GPU "
+                        "(stream; what auto picks) or in place by the CPU (cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per process (default: all cores, divided among the "
                         "ranks of one host under mpirun)")
