@@ -10,6 +10,7 @@
 
 #include "kernels/cpu/attention_merge.h"
 #include "kernels/cpu/bfloat16.h"
+#include "kernels/cpu/exp2.h"
 
 namespace ftengine::kernels::cpu {
 namespace {
@@ -198,11 +199,12 @@ class Kv16Attention {
         }
         if (chunk_max == kNegInf) continue;  // every key of the chunk is masked for this row
         const float new_max = std::max(row_max[r], chunk_max);
-        const float correction = std::exp2(row_max[r] - new_max);
+        const float correction = exp2_nonpositive(row_max[r] - new_max);
         row_max[r] = new_max;
         float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
         for (int32_t j = 0; j < count; ++j) {
-          score[j] = std::exp2(score[j] - new_max);
+          score[j] = exp2_nonpositive(score[j] - new_max);
           sum += score[j];
         }
         row_sum[r] = row_sum[r] * correction + sum;
