@@ -50,6 +50,7 @@ struct HostTierStats {
   double cpu_seconds = 0;         // the CPU attention kernel
   double query_wait_seconds = 0;  // the CPU waiting for its queries from the GPU
   double streamed_bytes = 0;      // host-tier K/V copied to the GPU
+  double cpu_bytes = 0;           // host-tier K/V the CPU attended over in place
 };
 
 class Backend {

@@ -16,6 +16,7 @@ struct ForwardBatch {
   std::vector<int32_t> seqlens_kv;    // [sequences], cached tokens after this step
   std::vector<int32_t> block_table;   // [sequences][block_table_stride], cache blocks in order
   int32_t block_table_stride = 0;
+  int32_t block_size = 0;             // slots per cache block
   std::vector<int32_t> logits_rows;   // token rows whose next-token logits are wanted
   // [sequences] when the cache has a host tier: the first position of each sequence held there
   // (its keys from there on live in host memory). A step never straddles it: a sequence's new

@@ -84,6 +84,7 @@ ForwardBatch Generator::build_batch(const std::vector<Sequence*>& sequences,
   size_t widest = 0;
   for (const Sequence* sequence : sequences) widest = std::max(widest, sequence->blocks.size());
   batch.block_table_stride = static_cast<int32_t>(std::max<size_t>(widest, 1));
+  batch.block_size = block_size;
   batch.cu_seqlens_q.push_back(0);
   for (size_t s = 0; s < sequences.size(); ++s) {
     const Sequence& sequence = *sequences[s];

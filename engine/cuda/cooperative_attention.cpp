@@ -55,12 +55,23 @@ Tensor CooperativeAttention::grow(Tensor& buffer, Allocator& allocator, size_t b
   return buffer;
 }
 
-bool CooperativeAttention::cpu_route() const {
-  // auto streams: on the H100 machine (docs/PERFORMANCE.md) its 16 cores attend over host keys
-  // at ~33 GB/s while the bus streams them at ~48 GB/s, so the GPU wins even for one query,
-  // and by far for chunks (the CPU is compute-bound there). "cpu" serves hosts whose memory
-  // outruns their bus.
-  return route_ == HostTierRoute::kCpu;
+int32_t CooperativeAttention::cpu_blocks(int32_t host_blocks) const {
+  if (route_ == HostTierRoute::kCpu) return host_blocks;
+  if (route_ == HostTierRoute::kStream) return 0;
+  return std::min(host_blocks, static_cast<int32_t>(cpu_share_ * host_blocks + 0.5));
+}
+
+void CooperativeAttention::balance(double wait) {
+  if (route_ != HostTierRoute::kAuto || last_cpu_seconds_ <= 0 || last_streamed_bytes_ <= 0) {
+    return;
+  }
+  const double cpu_rate = last_cpu_bytes_ / last_cpu_seconds_;
+  // The GPU streamed its share beside the CPU and finished `wait` after it. With no wait the
+  // GPU idled at the end, so it is faster than this says: probe upward.
+  double bus_rate = last_streamed_bytes_ / (last_cpu_seconds_ + wait);
+  if (wait < 0.02 * last_cpu_seconds_) bus_rate *= 1.25;
+  // Never quite zero: the CPU keeps a few blocks, and so keeps measuring its rate.
+  cpu_share_ = std::clamp(0.5 * cpu_share_ + 0.5 * cpu_rate / (cpu_rate + bus_rate), 0.02, 0.95);
 }
 
 bool CooperativeAttention::plan(const ForwardBatch& batch) {
@@ -98,20 +109,42 @@ bool CooperativeAttention::plan(const ForwardBatch& batch) {
     // own non-causal call, so the batched call skips them.
     host_indices_[s] = q_len == 1 ? tier : 0;
     max_device_len_ = std::max(max_device_len_, host_indices_[s]);
-    parts.push_back({s, q_start, q_len, tier, kv_len - tier, 0, 0});
+    parts.push_back({s, q_start, q_len, tier, tier, kv_len - tier, 0, 0});
+  }
+  prefix_parts_.clear();
+  for (const HostPart& part : parts) {
+    if (part.q_len > 1 && part.device_len > 0) prefix_parts_.push_back(part);
+    // The CPU's slice: the first blocks of a decode step's host keys (every query sees them
+    // all); prompt chunks stream unless the CPU route is forced.
+    const int32_t host_blocks = (part.host_len + batch.block_size - 1) / batch.block_size;
+    const int32_t cpu_len =
+        part.q_len == 1 || route_ == HostTierRoute::kCpu
+            ? std::min(part.host_len, cpu_blocks(host_blocks) * batch.block_size)
+            : 0;
+    if (cpu_len > 0) {
+      HostPart cpu = part;
+      cpu.host_len = cpu_len;
+      cpu_parts_.push_back(cpu);
+    }
+    if (cpu_len < part.host_len) {
+      HostPart streamed = part;
+      streamed.host_start = part.host_start + cpu_len;
+      streamed.host_len = part.host_len - cpu_len;
+      streamed_parts_.push_back(streamed);
+    }
   }
   cpu_tokens_ = static_cast<int32_t>(host_indices_.size());
-  for (HostPart& part : parts) {
-    if (!cpu_route()) continue;
+  for (const HostPart& part : cpu_parts_) {
     for (int32_t t = 0; t < part.q_len; ++t) host_indices_.push_back(part.q_start + t);
     cpu_rows_ += part.q_len;
   }
-  for (HostPart& part : parts) {
-    part.device_args = static_cast<int32_t>(host_indices_.size());
-    host_indices_.insert(host_indices_.end(), {0, part.q_len, part.device_len});
-    part.host_args = static_cast<int32_t>(host_indices_.size());
-    host_indices_.insert(host_indices_.end(), {0, part.q_len, part.host_len});
-    (cpu_route() ? cpu_parts_ : streamed_parts_).push_back(part);
+  for (std::vector<HostPart>* list : {&prefix_parts_, &streamed_parts_}) {
+    for (HostPart& part : *list) {
+      part.device_args = static_cast<int32_t>(host_indices_.size());
+      host_indices_.insert(host_indices_.end(), {0, part.q_len, part.device_len});
+      part.host_args = static_cast<int32_t>(host_indices_.size());
+      host_indices_.insert(host_indices_.end(), {0, part.q_len, part.host_len});
+    }
   }
   // Table rows of the CPU parts start at their first host-tier block (block ids are
   // host-tier-relative at run time, when the cache says where its tier starts).
@@ -174,9 +207,8 @@ void CooperativeAttention::run(const kc::AttentionParams& whole_in, const LayerK
   run_gpu(device);
 
   // 3. Sequences with several queries in the tier see their whole device prefix.
-  for (const std::vector<HostPart>* parts : {&cpu_parts_, &streamed_parts_}) {
-    for (const HostPart& part : *parts) {
-      if (part.q_len == 1 || part.device_len == 0) continue;
+  {
+    for (const HostPart& part : prefix_parts_) {
       kc::AttentionParams prefix = whole;
       prefix.q = static_cast<const char*>(whole.q) + part.q_start * row_bytes;
       prefix.out = static_cast<char*>(whole.out) + part.q_start * row_bytes;
@@ -192,10 +224,11 @@ void CooperativeAttention::run(const kc::AttentionParams& whole_in, const LayerK
     }
   }
 
-  // 4. Chunks: their host keys come to the GPU.
+  // 4. Host keys over the bus.
+  layer_streamed_bytes_ = 0;
   for (const HostPart& part : streamed_parts_) stream_part(part, whole, cache, run_gpu);
 
-  // 5. Decode: the CPU attends over the host keys in place.
+  // 5. The CPU attends over its host keys in place meanwhile.
   if (!cpu_parts_.empty()) run_cpu_parts(whole, cache);
 }
 
@@ -203,7 +236,7 @@ void CooperativeAttention::stream_part(const HostPart& part, const kc::Attention
                                        const LayerKvCache& cache, const RunGpu& run_gpu) {
   const int32_t block_size = whole.block_size;
   const size_t block_bytes = cache.k_host.nbytes() / cache.k_host.dim(0);
-  const int32_t first = part.device_len / block_size;
+  const int32_t first = part.host_start / block_size;
   const int32_t count = (part.host_len + block_size - 1) / block_size;
   grow(stage_k_, device_, count * block_bytes);
   grow(stage_v_, device_, count * block_bytes);
@@ -222,6 +255,7 @@ void CooperativeAttention::stream_part(const HostPart& part, const kc::Attention
     i += run;
   }
   stats_.streamed_bytes += 2.0 * count * block_bytes;
+  layer_streamed_bytes_ += 2.0 * count * block_bytes;
 
   const int32_t* indices = indices_.data<int32_t>();
   const size_t row_elements = static_cast<size_t>(whole.num_heads) * whole.head_dim;
@@ -254,7 +288,7 @@ void CooperativeAttention::run_cpu_parts(const kc::AttentionParams& whole,
   cpu_host_table_.assign(cpu_table_.size(), 0);
   for (size_t i = 0; i < cpu_parts_.size(); ++i) {
     const HostPart& part = cpu_parts_[i];
-    const int32_t first = part.device_len / whole.block_size;
+    const int32_t first = part.host_start / whole.block_size;
     const int32_t count = (part.host_len + whole.block_size - 1) / whole.block_size;
     for (int32_t b = 0; b < count; ++b) {
       cpu_host_table_[i * cpu_table_stride_ + b] =
@@ -268,7 +302,9 @@ void CooperativeAttention::run_cpu_parts(const kc::AttentionParams& whole,
 
   Clock::time_point start = Clock::now();
   check_cuda(cudaEventSynchronize(queries_ready_), "cudaEventSynchronize");
-  stats_.query_wait_seconds += seconds_since(start);
+  const double wait = seconds_since(start);
+  stats_.query_wait_seconds += wait;
+  balance(wait);
   start = Clock::now();
   const auto* bits = pinned_queries_.data<uint16_t>();
   const bool bf16 = whole.dtype == kc::ElementType::kBFloat16;
@@ -297,7 +333,14 @@ void CooperativeAttention::run_cpu_parts(const kc::AttentionParams& whole,
   p.softmax_scale = whole.softmax_scale;
   p.causal = whole.causal;
   kcpu::kv16_attention(p);
-  stats_.cpu_seconds += seconds_since(start);
+  last_cpu_seconds_ = seconds_since(start);
+  last_cpu_bytes_ = 0;
+  for (const HostPart& part : cpu_parts_) {
+    last_cpu_bytes_ += 2.0 * part.host_len * whole.kv_token_stride * sizeof(uint16_t);
+  }
+  last_streamed_bytes_ = layer_streamed_bytes_;
+  stats_.cpu_seconds += last_cpu_seconds_;
+  stats_.cpu_bytes += last_cpu_bytes_;
 
   // Back to the GPU and folded in. The pinned results are rewritten only by the next layer's
   // CPU part, which waits for its queries, queued after this copy.

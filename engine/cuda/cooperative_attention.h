@@ -6,11 +6,12 @@
 //   - the GPU attends over every sequence's device keys in one call, as without a tier (a
 //     sequence whose queries are in the tier sees its whole device prefix: causal is moot for
 //     one query; several queries get their own non-causal call);
-//   - the host keys are either copied to the GPU and attended there ("stream", what auto
-//     picks: faster on the machines measured, by far for prompt chunks, where the CPU is
-//     compute-bound), or attended in place by the CPU kernel of kernels/cpu/attention_kv16.h
-//     while the GPU works ("cpu": the queries go to the host first, the partial output and
-//     log-sum-exp come back) — for hosts whose memory outruns their bus;
+//   - the host keys are copied to the GPU and attended there ("stream"), or attended in place
+//     by the CPU kernel of kernels/cpu/attention_kv16.h while the GPU works ("cpu": the
+//     queries go to the host first, the partial output and log-sum-exp come back), or both
+//     ("auto"): a decode step's host keys split between the CPU (its first blocks) and the
+//     bus (the rest) in the ratio that makes both finish together, learnt from each layer's
+//     timings; prompt chunks stream (the CPU is compute-bound there, 10-100x slower);
 // and each partial is folded into the GPU's by log-sum-exp. Exact, whatever the split.
 #pragma once
 
@@ -57,18 +58,25 @@ class CooperativeAttention {
   const HostTierStats& stats() const { return stats_; }
 
  private:
+  // A slice of one sequence's host-tier keys, attended by one route.
   struct HostPart {
     int32_t seq;
     int32_t q_start;
     int32_t q_len;
     int32_t device_len;  // keys on the GPU: positions [0, device_len)
-    int32_t host_len;    // keys in the host tier: positions [device_len, device_len + host_len)
+    int32_t host_start;  // this slice: positions [host_start, host_start + host_len), a block
+    int32_t host_len;    // boundary on, the sequence's last keys when streamed
     int32_t device_args;  // offset in the uploaded indices of {0, q_len, device_len}
     int32_t host_args;    // ... of {0, q_len, host_len}
   };
 
   Tensor grow(Tensor& buffer, Allocator& allocator, size_t bytes);
-  bool cpu_route() const;
+  // Host blocks of a decode part the CPU takes under kAuto.
+  int32_t cpu_blocks(int32_t host_blocks) const;
+  // Moves cpu_share_ toward the ratio of the CPU's and the bus's rates, measured over the last
+  // layer; `wait` is how long the CPU then waited for this layer's queries (the GPU still
+  // streaming the last layer's share).
+  void balance(double wait);
   void run_cpu_parts(const kernels::cuda::AttentionParams& whole, const LayerKvCache& cache);
   void stream_part(const HostPart& part, const kernels::cuda::AttentionParams& whole,
                    const LayerKvCache& cache, const RunGpu& run_gpu);
@@ -81,6 +89,7 @@ class CooperativeAttention {
   bool active_ = false;
   const ForwardBatch* batch_ = nullptr;
 
+  std::vector<HostPart> prefix_parts_;  // several queries in the tier: non-causal prefix call
   std::vector<HostPart> cpu_parts_;
   std::vector<HostPart> streamed_parts_;
   // Inputs of the CPU kernel over cpu_parts_, packed: query rows, lengths, table rows.
@@ -101,6 +110,11 @@ class CooperativeAttention {
   Tensor scratch_lse_, part_out_, part_lse_, stage_k_, stage_v_, cpu_results_;
   Tensor pinned_queries_, pinned_results_;
   std::vector<float> queries_f32_;
+
+  // kAuto's split: the CPU's share of a decode step's host blocks, and the last layer's work.
+  double cpu_share_ = 0.3;
+  double last_cpu_seconds_ = 0, last_cpu_bytes_ = 0, last_streamed_bytes_ = 0;
+  double layer_streamed_bytes_ = 0;
 
   HostTierStats stats_;
 };

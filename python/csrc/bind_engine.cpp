@@ -309,6 +309,7 @@ void bind_engine(py::module_& m) {
             out["cpu_seconds"] = stats.cpu_seconds;
             out["query_wait_seconds"] = stats.query_wait_seconds;
             out["streamed_bytes"] = stats.streamed_bytes;
+            out["cpu_bytes"] = stats.cpu_bytes;
             return out;
           },
           "What the KV cache's host tier has cost so far: attention calls over it, seconds of "

@@ -158,8 +158,9 @@ class Engine:
         host tier of pinned host memory: attention then runs over both tiers, the CPU
         attending over host keys while the GPU attends over its own (CPU-GPU cooperative
         attention). host_tier_attention picks where host keys are attended: "stream" copies
-        them to the GPU (what "auto" picks: the faster on the machines measured), "cpu" has
-        the CPU attend over them in place while the GPU attends over its own.
+        them to the GPU, "cpu" has the CPU attend over them in place while the GPU attends
+        over its own, "auto" splits decode between the two in the ratio that makes both finish
+        together (learnt as it runs) and streams prompt chunks.
 
         tp > 1 splits the model over that many MPI ranks (run under `mpirun -np tp`; every rank
         makes the same calls). allreduce_tile_tokens sets the token tile of the overlapped

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host-tier-attention", choices=("auto", "cpu", "stream"),
                         default="auto",
                         help="where keys in host memory are attended: copied to the GPU "
-                        "(stream; what auto picks) or in place by the CPU (cpu)")
+                        "(stream), in place by the CPU (cpu), or both (auto: decode split in "
+                        "the ratio of their speeds, prompt chunks streamed)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per process (default: all cores, divided among the "
                         "ranks of one host under mpirun)")
