@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ftengine import Engine
 from model_fixtures import make_tiny_llama
 from mpi_launch import (
     TESTS,
@@ -106,6 +107,16 @@ def test_mpi_is_available():
     mpirun()
     import mpi4py  # noqa: F401
     from ftengine import _mpi  # noqa: F401
+
+
+def test_forced_tile_on_one_rank_matches_untiled(model_dir):
+    """A configured tile splits the row-parallel products on one rank too (where each tile's sum
+    is an identity; the GPU tests run that path through a one-rank NCCL communicator)."""
+    ids = [3 + (7 * i) % 250 for i in range(PROMPT_TOKENS)]
+    tiled, untiled = (Engine.from_pretrained(model_dir("bias"), progress=False, num_threads=1,
+                                             kv_cache_tokens=1024, allreduce_tile_tokens=tile)
+                      for tile in (32, -1))
+    np.testing.assert_allclose(tiled.logits(ids), untiled.logits(ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gqa", "mqa_tied", "bias", "llama3_rope"])

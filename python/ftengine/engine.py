@@ -128,10 +128,13 @@ class Engine:
         attention call instead of the best for each ("auto").
 
         tp > 1 splits the model over that many MPI ranks (run under `mpirun -np tp`; every rank
-        makes the same calls). allreduce_tile_tokens sets the token tile of the overlapped
-        AllReduce after row-parallel projections: 0 chooses, -1 turns tiling off.
+        makes the same calls). On the GPU the ranks sum over NCCL, one GPU each: "cuda" takes
+        the rank's place among the ranks of its node as the GPU index, "cuda:K" GPU K.
+        allreduce_tile_tokens sets the token tile of the overlapped AllReduce after row-parallel
+        projections: 0 chooses, -1 turns tiling off.
         """
-        device_kind, device_index = _parse_device(device)
+        device_kind, requested_index = _parse_device(device)
+        device_index = requested_index or 0
         if dtype is not None and dtype not in _WEIGHT_DTYPES[device_kind]:
             raise FtengineError(
                 f"dtype on {device_kind} must be one of {_WEIGHT_DTYPES[device_kind]}, "
@@ -145,11 +148,9 @@ class Engine:
                 f"max_batch_tokens ({max_batch_tokens}) must be at least max_num_seqs "
                 f"({max_num_seqs}): every step decodes one token of each running sequence"
             )
-        comm, communicator = (None, None)
-        if tp != 1:
-            if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-                raise FtengineError(f"tp must be a positive integer, got {tp!r}")
-            comm, communicator = distributed.world(tp)
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise FtengineError(f"tp must be a positive integer, got {tp!r}")
+        comm, communicator = distributed.world(tp)
         rank = comm.rank if comm is not None else 0
 
         def on_every_rank(step):
@@ -184,8 +185,15 @@ class Engine:
                               json.dumps(native_config, sort_keys=True))
             distributed.agree(comm, "the model weights", checkpoint.fingerprint())
             distributed.agree(comm, "the engine settings",
-                              (kv_cache_tokens, max_batch_tokens, max_num_seqs, block_size,
-                               allreduce_tile_tokens))
+                              (device_kind, kv_cache_tokens, max_batch_tokens, max_num_seqs,
+                               block_size, allreduce_tile_tokens, cuda_graphs, attention_kernel))
+            if device_kind == "cuda":
+                # NCCL starts before the KV cache is sized: its buffers take GPU memory too.
+                device_index = on_every_rank(
+                    lambda: distributed.gpu_of_rank(comm, requested_index))
+                host_communicator = communicator
+                communicator = on_every_rank(lambda: distributed.nccl_communicator(
+                    comm, device_index, host_communicator))
         if kv_cache_tokens is None:
             kv_cache_tokens = _default_kv_cache_tokens(config, max_num_seqs, device_kind,
                                                        device_index)
@@ -423,15 +431,15 @@ class _StopStrings:
         return 0
 
 
-def _parse_device(device: str) -> tuple[str, int]:
-    """("cpu", 0) or ("cuda", index) from "cpu", "cuda" or "cuda:N"."""
+def _parse_device(device: str) -> tuple[str, int | None]:
+    """(kind, index) from "cpu", "cuda" or "cuda:N"; the index is None where none is named."""
     kind, _, index = str(device).partition(":")
     if kind not in _DEVICES or (index and (kind != "cuda" or not index.isdigit())):
         available = ", ".join(_DEVICES)
         hint = "" if _C.has_cuda else " (this build has no CUDA backend: install on a machine "\
             "with nvcc and cuBLAS)"
         raise FtengineError(f"device {device!r} is not available; use one of: {available}{hint}")
-    return kind, int(index or 0)
+    return kind, int(index) if index else None
 
 
 def _default_dtype(device_kind: str, checkpoint_dtype: str) -> str:
