@@ -76,6 +76,12 @@ class Backend {
   virtual Tensor concat_rows(const std::vector<Tensor>& parts) = 0;
   // The dtype activations and the KV cache are kept in on this backend.
   virtual DType activation_dtype() const = 0;
+  // The CUDA stream (a cudaStream_t) every op of this backend is queued on, in order; null where
+  // ops finish before they return (the CPU). A communicator of device memory orders its
+  // collectives against it (Communicator::use_stream).
+  virtual void* stream() const { return nullptr; }
+  // Returns once every op queued so far has finished: timing work on a queueing backend needs it.
+  virtual void synchronize() {}
 
   // Called by the model once per forward step, before any op of the step. A GPU backend
   // uploads the batch's index arrays here; the ops of the step then read them on the device.

@@ -11,6 +11,7 @@ class SingleRankCommunicator final : public Communicator {
  public:
   int rank() const override { return 0; }
   int size() const override { return 1; }
+  bool serves(Device) const override { return true; }
   void allreduce_sum(void*, int64_t, DType) override {}
   void start_allreduce_sum(void*, int64_t, DType) override {}
   void progress() override {}

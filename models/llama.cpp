@@ -205,13 +205,13 @@ class LlamaModel final : public Model {
   void row_parallel_linear(const Tensor& x, const Tensor& weight, const Tensor& bias_tensor,
                            Tensor& out) {
     const int64_t tokens = x.dim(0);
-    const int64_t tile = plan_.size == 1 ? tokens : allreduce_tile(tokens);
+    const int64_t tile = allreduce_tile(tokens);
     try {
       for (int64_t begin = 0; begin < tokens; begin += tile) {
         const int64_t count = std::min(tile, tokens - begin);
         Tensor out_tile = out.row_range(begin, count);
         backend_.linear(x.row_range(begin, count), weight, nullptr, out_tile);
-        if (plan_.size > 1 && tile < tokens) {
+        if (tile < tokens) {
           communicator_->start_allreduce_sum(out_tile.raw(), out_tile.numel(), out_tile.dtype());
           communicator_->progress();
         }
@@ -221,12 +221,10 @@ class LlamaModel final : public Model {
       communicator_->wait_all();
       throw;
     }
-    if (plan_.size > 1) {
-      if (tile < tokens) {
-        communicator_->wait_all();
-      } else {
-        communicator_->allreduce_sum(out.raw(), out.numel(), out.dtype());
-      }
+    if (tile < tokens) {
+      communicator_->wait_all();
+    } else if (plan_.size > 1) {
+      communicator_->allreduce_sum(out.raw(), out.numel(), out.dtype());
     }
     if (bias_tensor.defined()) backend_.add_bias(out, bias_tensor);
   }
@@ -236,11 +234,13 @@ class LlamaModel final : public Model {
   // enough to run at speed; decode steps (too few tokens to split) use one AllReduce. The
   // measurement runs at the first step long enough to tile: every rank runs the same steps, so
   // all of them reach its collectives together (unlike at load, where a rank may have failed).
+  // A configured tile applies on one rank too, where each tile's sum is an identity: that is
+  // how one GPU runs the tiled path through a real (one-rank) NCCL communicator.
   int64_t allreduce_tile(int64_t tokens) {
     static constexpr int64_t kMinTileTokens = 64;
     if (allreduce_tile_tokens_ < 0) return tokens;
     if (allreduce_tile_tokens_ > 0) return std::min<int64_t>(allreduce_tile_tokens_, tokens);
-    if (tokens < 2 * kMinTileTokens) return tokens;
+    if (plan_.size == 1 || tokens < 2 * kMinTileTokens) return tokens;
     if (!tiling_decided_) {
       tile_allreduce_ = tiling_pays();
       tiling_decided_ = true;
@@ -256,17 +256,19 @@ class LlamaModel final : public Model {
   // and every tiling lost time (scripts/bench_tp_cpu.py); over a slow interconnect, or against
   // GPU-speed products, the ratio is far higher. The ranks vote and sum whole votes, which every
   // rank receives bit-identical, so all of them decide alike (a mismatch would pair different
-  // collectives).
+  // collectives). A GPU queues both and returns at once: each timing waits for the device.
   bool tiling_pays() {
     static constexpr int64_t kProbeTokens = 256;
     static constexpr double kWorthwhileRatio = 0.25;
     const DType dtype = backend_.activation_dtype();
     Tensor x = backend_.zeros({kProbeTokens, layers_[0].o_weight.dim(1)}, dtype);
     Tensor y = backend_.zeros({kProbeTokens, config_.hidden_size}, dtype);
-    auto seconds = [](auto&& work) {
+    auto seconds = [&](auto&& work) {
       work();  // warm-up
+      backend_.synchronize();
       const auto start = std::chrono::steady_clock::now();
       work();
+      backend_.synchronize();
       return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     };
     const double product = seconds([&] { backend_.linear(x, layers_[0].o_weight, nullptr, y); });

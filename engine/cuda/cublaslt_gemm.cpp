@@ -1,11 +1,17 @@
 #include "engine/cuda/cublaslt_gemm.h"
 
 #include <stdexcept>
-
-#include "engine/cuda/cuda_check.h"
+#include <string>
 
 namespace ftengine::cuda {
 namespace {
+
+void check_cublas(cublasStatus_t status, const char* what) {
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    throw std::runtime_error(std::string(what) + " failed: cuBLAS status " +
+                             std::to_string(static_cast<int>(status)));
+  }
+}
 
 cudaDataType_t cuda_type(DType dtype) {
   switch (dtype) {

@@ -1,7 +1,8 @@
 // The CUDA backend: the Backend interface on one NVIDIA GPU. Activations and the KV cache are
 // float16 or bfloat16, matrix products go through cuBLASLt with float32 accumulation, attention
 // through the FastAttention CUDA family (kernels/cuda/attention), everything else through the
-// fused row kernels of kernels/cuda/elementwise. All work runs on one stream, in order.
+// fused row kernels of kernels/cuda/elementwise. All work runs on one stream, in order (an NCCL
+// communicator's collectives run on a stream of their own, ordered against this one by events).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -107,6 +108,10 @@ class CudaBackend final : public Backend {
   std::string name() const override { return "cuda:" + std::to_string(device_) + " " + device_name_; }
   int num_threads() const override { return 1; }
   DType activation_dtype() const override { return activation_; }
+  void* stream() const override { return stream_; }
+  void synchronize() override {
+    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  }
 
   Tensor empty(Shape shape, DType dtype) override {
     return Tensor(std::move(shape), dtype, allocator_);
@@ -217,7 +222,12 @@ class CudaBackend final : public Backend {
   // the first step of a shape runs eagerly (sizing every buffer and cuBLASLt plan), then is
   // recorded; later steps of that shape write their indices into the pinned buffer the
   // recording uploads from and replay it. A shape is (sequences, block-table width rounded up
-  // to a power of two), so a long generation records a handful of graphs.
+  // to a power of two), so a long generation records a handful of graphs. A tensor-parallel
+  // step's NCCL collectives are recorded with it (NCCL supports stream capture: its kernels
+  // become graph nodes on its stream, forked from and joined to this one by events), which
+  // keeps the launch-bound decode step one graph launch on every rank; every rank records and
+  // replays the same steps in the same order, so the replayed collectives pair up as launched
+  // ones would.
   Tensor run_step(const ForwardBatch& batch, const std::function<Tensor()>& forward) override {
     activate();
     // A step over the host tier waits for the CPU inside every layer: nothing to record, and
@@ -525,8 +535,6 @@ class CudaBackend final : public Backend {
     check_cuda(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate");
     return Event(event);
   }
-
-  void synchronize() { check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
 
   // The current device is per host thread, and another engine (or a Python thread that drives
   // this one) may have switched it: every entry point that launches work selects ours first.

@@ -76,6 +76,7 @@ class MpiCommunicator final : public Communicator {
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
+  bool serves(Device device) const override { return device == Device::kCpu; }
 
   void allreduce_sum(void* data, int64_t count, DType dtype) override {
     require_float32(dtype);

@@ -99,6 +99,24 @@ void bind_cuda(py::module_& m) {
         return py::make_tuple(free_bytes, total_bytes);
       },
       py::arg("device") = 0, "(free, total) bytes of a CUDA device's memory.");
+  // For placing tensor-parallel ranks on GPUs (ftengine.distributed): how many GPUs a process
+  // sees, and a name for each that is the same in every process whatever its
+  // CUDA_VISIBLE_DEVICES.
+  m.def(
+      "cuda_device_count",
+      [] {
+        int count = 0;
+        return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
+      },
+      "CUDA devices this process sees (0 where CUDA cannot run).");
+  m.def(
+      "cuda_pci_bus_id",
+      [](int device) {
+        char id[32] = {};
+        check(cudaDeviceGetPCIBusId(id, sizeof(id), device), "cudaDeviceGetPCIBusId");
+        return std::string(id);
+      },
+      py::arg("device"), "The PCI bus id of a CUDA device (\"0000:1B:00.0\").");
   m.def(
       "cuda_attention_unsupported_reason",
       [](const std::string& kernel, const py::kwargs& kwargs) {

@@ -118,9 +118,12 @@ class Runtime {
         options_(options),
         communicator_(communicator ? std::move(communicator) : make_single_rank_communicator()),
         backend_(make_backend(options, config_.weight_dtype)) {
-    if (options.device != "cpu" && communicator_->size() > 1) {
-      throw std::invalid_argument("tensor parallelism runs on the CPU backend only for now");
+    if (!communicator_->serves(backend_->device())) {
+      throw std::invalid_argument("the communicator cannot sum " + backend_->name() +
+                                  " memory: tensor parallelism runs over MPI on the CPU and "
+                                  "over NCCL on CUDA");
     }
+    communicator_->use_stream(backend_->stream());
     if (options.block_size <= 0 || options.kv_cache_tokens <= 0) {
       throw std::invalid_argument("block_size and kv_cache_tokens must be positive");
     }
@@ -246,9 +249,46 @@ void bind_engine(py::module_& m) {
       "[(name, shape, shard_axis, shard_begin, shard_count)] of every tensor the architecture "
       "needs; shard_axis -1 means the rank loads the whole tensor");
 
+  // The collectives take raw addresses (numpy's ctypes.data, torch's data_ptr()) in the memory
+  // the communicator serves, for the communicator tests; the engine calls them from C++.
+  auto address = [](uintptr_t value) { return reinterpret_cast<void*>(value); };
   py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
       .def_property_readonly("rank", &Communicator::rank)
-      .def_property_readonly("size", &Communicator::size);
+      .def_property_readonly("size", &Communicator::size)
+      .def(
+          "use_stream",
+          [address](Communicator& c, uintptr_t stream) { c.use_stream(address(stream)); },
+          py::arg("stream"), "orders device collectives against this cudaStream_t")
+      .def(
+          "allreduce_sum",
+          [address](Communicator& c, uintptr_t data, int64_t count, const std::string& dtype) {
+            c.allreduce_sum(address(data), count, parse_dtype(dtype));
+          },
+          py::arg("data"), py::arg("count"), py::arg("dtype"),
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "start_allreduce_sum",
+          [address](Communicator& c, uintptr_t data, int64_t count, const std::string& dtype) {
+            c.start_allreduce_sum(address(data), count, parse_dtype(dtype));
+          },
+          py::arg("data"), py::arg("count"), py::arg("dtype"),
+          py::call_guard<py::gil_scoped_release>())
+      .def("wait_all", &Communicator::wait_all, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "allgather",
+          [address](Communicator& c, uintptr_t data, int64_t count, const std::string& dtype,
+                    uintptr_t out) {
+            c.allgather(address(data), count, parse_dtype(dtype), address(out));
+          },
+          py::arg("data"), py::arg("count"), py::arg("dtype"), py::arg("out"),
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "allreduce_sum_host",
+          [](Communicator& c, std::vector<float> values) {
+            c.allreduce_sum_host(values.data(), static_cast<int64_t>(values.size()));
+            return values;
+          },
+          py::arg("values"), "the sum over ranks of each of `values`");
   m.def("single_rank_communicator", &make_single_rank_communicator);
 
   py::enum_<FinishReason>(m, "FinishReason")

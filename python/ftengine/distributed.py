@@ -1,4 +1,5 @@
-"""Tensor parallelism across processes, over MPI through mpi4py.
+"""Tensor parallelism across processes, over MPI through mpi4py; on GPUs over NCCL, which MPI
+bootstraps.
 
 Launch one process per rank with mpirun (`mpirun -np 2 python -m ftengine.generate --tp 2 ...`,
 or a script that builds `Engine.from_pretrained(..., tp=2)` on every rank and calls the same
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _C
 from .errors import FtengineError
 
 
@@ -19,7 +21,10 @@ class DistributedError(FtengineError):
 
 
 def world(tp: int) -> tuple[Any, Any]:
-    """(mpi4py COMM_WORLD, native Communicator over it) for `tp` ranks."""
+    """(mpi4py COMM_WORLD, native MPI Communicator over it) for `tp` ranks; (None, None) for
+    one, which needs no MPI."""
+    if tp == 1:
+        return None, None
     try:
         from mpi4py import MPI
     except ImportError:
@@ -67,3 +72,52 @@ def agree(comm: Any, what: str, value: Any) -> None:
 def smallest(comm: Any, value: int) -> int:
     """Collective. The smallest of every rank's `value`, on every rank."""
     return min(comm.allgather(value))
+
+
+def gpu_of_rank(comm: Any, requested: int | None) -> int:
+    """Collective. The GPU this rank computes on: `requested`, or else the rank's place among the
+    ranks of its node (what mpirun's OMPI_COMM_WORLD_LOCAL_RANK says, found through MPI so any
+    launcher works). Raises, after the collectives, when the GPU does not exist or another rank
+    of the node has it too (NCCL runs one rank per GPU), or when this build has no NCCL."""
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        index = node.rank if requested is None else requested
+        count = _C.cuda_device_count()
+        bus_id = _C.cuda_pci_bus_id(index) if index < count else None
+        holders = node.allgather((comm.rank, bus_id))
+        node_size = node.size
+    finally:
+        node.Free()
+    try:
+        from . import _nccl  # noqa: F401
+    except ImportError:
+        raise FtengineError(
+            "this build of ftengine has no NCCL support, which tensor parallelism on GPUs "
+            "needs: install nvidia-nccl-cu13 (or set NCCL_ROOT) and reinstall ftengine so CMake "
+            "finds it"
+        ) from None
+    if bus_id is None:
+        raise FtengineError(
+            f"rank {comm.rank} would compute on GPU {index}, but its node shows {count} GPU(s) "
+            f"to {node_size} rank(s): start at most {count} ranks per node, or pass "
+            f"device='cuda:K' naming an existing GPU"
+        )
+    sharing = [rank for rank, other in holders if other == bus_id]
+    if len(sharing) > 1:
+        raise FtengineError(
+            f"ranks {', '.join(map(str, sharing))} would share the GPU at {bus_id}: NCCL runs one "
+            f"rank per GPU; give each rank its own device='cuda:K' (or leave the index out)"
+        )
+    return index
+
+
+def nccl_communicator(comm: Any, device_index: int, host: Any) -> Any:
+    """Collective. The NCCL Communicator of every rank of `comm` on its GPU `device_index`:
+    rank 0 makes the rendezvous id and MPI brings it to the others. `host` is the MPI
+    Communicator of the same ranks, which sums the host values of votes."""
+    from . import _nccl
+
+    unique_id = comm.bcast(_nccl.unique_id() if comm.rank == 0 else None, root=0)
+    return _nccl.make_communicator(unique_id, comm.rank, comm.size, device_index, host)

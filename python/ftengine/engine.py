@@ -58,32 +58,35 @@ class StreamEvent:
 Prompt = str | Sequence[int]
 
 
-def _kv_bytes_per_token(config: ModelConfig, device: str) -> int:
-    # float32 KV on the CPU, 16-bit on the GPU (and in its host tier).
+def _kv_bytes_per_token(config: ModelConfig, device: str, tp: int = 1) -> int:
+    # float32 KV on the CPU, 16-bit on the GPU (and in its host tier); a tensor-parallel rank
+    # holds its share of the KV heads (one, replicated, when there are fewer heads than ranks).
     element = 2 if device == "cuda" else 4
-    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * element
+    kv_heads = max(config.num_kv_heads // tp, 1)
+    return config.num_layers * 2 * kv_heads * config.head_dim * element
 
 
-def _gpu_kv_tokens(config: ModelConfig, device_index: int, gpu_kv_budget: float | None) -> int:
+def _gpu_kv_tokens(config: ModelConfig, device_index: int, gpu_kv_budget: float | None,
+                   tp: int = 1) -> int:
     """KV tokens the GPU keeps: gpu_kv_budget GiB, by default half of what is free before
-    loading once the weights are counted (activations and workspaces take the rest)."""
-    per_token = _kv_bytes_per_token(config, "cuda")
+    loading once the rank's weights are counted (activations and workspaces take the rest)."""
+    per_token = _kv_bytes_per_token(config, "cuda", tp)
     if gpu_kv_budget is not None:
         return int(gpu_kv_budget * 2**30) // per_token
     free, _ = _C.cuda_memory_info(device_index)
-    weights = 2 * config.parameter_count()
+    weights = 2 * config.parameter_count() // tp
     return max(free - weights, 0) // 2 // per_token
 
 
 def _default_kv_cache_tokens(config: ModelConfig, batch: int, device: str = "cpu",
-                             gpu_kv_tokens: int = 0) -> int:
+                             gpu_kv_tokens: int = 0, tp: int = 1) -> int:
     # Room for `batch` full contexts, capped at a quarter of physical memory on the CPU, at
     # the GPU's budget on the GPU (a host tier only when asked for: kv_cache_tokens).
     wanted = config.max_position_embeddings * batch
     if device == "cuda":
         return max(256, min(wanted, gpu_kv_tokens))
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return max(256, min(wanted, memory // 4 // _kv_bytes_per_token(config, device)))
+    return max(256, min(wanted, memory // 4 // _kv_bytes_per_token(config, device, tp)))
 
 
 def _available_host_memory() -> int:
@@ -163,10 +166,13 @@ class Engine:
         together (learnt as it runs) and streams prompt chunks.
 
         tp > 1 splits the model over that many MPI ranks (run under `mpirun -np tp`; every rank
-        makes the same calls). allreduce_tile_tokens sets the token tile of the overlapped
-        AllReduce after row-parallel projections: 0 chooses, -1 turns tiling off.
+        makes the same calls). On the GPU the ranks sum over NCCL, one GPU each: "cuda" takes
+        the rank's place among the ranks of its node as the GPU index, "cuda:K" GPU K.
+        allreduce_tile_tokens sets the token tile of the overlapped AllReduce after row-parallel
+        projections: 0 chooses, -1 turns tiling off.
         """
-        device_kind, device_index = _parse_device(device)
+        device_kind, requested_index = _parse_device(device)
+        device_index = requested_index or 0
         if gpu_kv_budget is not None:
             if device_kind != "cuda":
                 raise FtengineError("gpu_kv_budget sizes the GPU's share of the KV cache: "
@@ -191,11 +197,9 @@ class Engine:
                 f"max_batch_tokens ({max_batch_tokens}) must be at least max_num_seqs "
                 f"({max_num_seqs}): every step decodes one token of each running sequence"
             )
-        comm, communicator = (None, None)
-        if tp != 1:
-            if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-                raise FtengineError(f"tp must be a positive integer, got {tp!r}")
-            comm, communicator = distributed.world(tp)
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise FtengineError(f"tp must be a positive integer, got {tp!r}")
+        comm, communicator = distributed.world(tp)
         rank = comm.rank if comm is not None else 0
 
         def on_every_rank(step):
@@ -230,20 +234,31 @@ class Engine:
                               json.dumps(native_config, sort_keys=True))
             distributed.agree(comm, "the model weights", checkpoint.fingerprint())
             distributed.agree(comm, "the engine settings",
-                              (kv_cache_tokens, max_batch_tokens, max_num_seqs, block_size,
-                               allreduce_tile_tokens))
-        gpu_kv_tokens = (_gpu_kv_tokens(config, device_index, gpu_kv_budget)
+                              (device_kind, kv_cache_tokens, max_batch_tokens, max_num_seqs,
+                               block_size, allreduce_tile_tokens, cuda_graphs, attention_kernel))
+            if device_kind == "cuda":
+                # NCCL starts before the KV cache is sized: its buffers take GPU memory too.
+                device_index = on_every_rank(
+                    lambda: distributed.gpu_of_rank(comm, requested_index))
+                host_communicator = communicator
+                communicator = on_every_rank(lambda: distributed.nccl_communicator(
+                    comm, device_index, host_communicator))
+        gpu_kv_tokens = (_gpu_kv_tokens(config, device_index, gpu_kv_budget, tp)
                          if device_kind == "cuda" else 0)
+        if comm is not None and device_kind == "cuda":
+            # Where the host tier starts decides how steps are chunked: every rank the same.
+            gpu_kv_tokens = distributed.smallest(comm, gpu_kv_tokens)
         if kv_cache_tokens is None:
             kv_cache_tokens = _default_kv_cache_tokens(config, max_num_seqs, device_kind,
-                                                       gpu_kv_tokens)
+                                                       gpu_kv_tokens, tp)
             if comm is not None:
                 # Sized from each host's memory: every rank takes the smallest, or ranks with
                 # room for more requests would schedule steps the others cannot follow.
                 kv_cache_tokens = distributed.smallest(comm, kv_cache_tokens)
 
         if device_kind == "cuda" and kv_cache_tokens > gpu_kv_tokens:
-            host_bytes = (kv_cache_tokens - gpu_kv_tokens) * _kv_bytes_per_token(config, "cuda")
+            host_bytes = ((kv_cache_tokens - gpu_kv_tokens)
+                          * _kv_bytes_per_token(config, "cuda", tp))
             available = _available_host_memory()
             if gpu_kv_tokens < block_size or host_bytes > 0.9 * available:
                 raise FtengineError(
@@ -485,15 +500,15 @@ class _StopStrings:
         return 0
 
 
-def _parse_device(device: str) -> tuple[str, int]:
-    """("cpu", 0) or ("cuda", index) from "cpu", "cuda" or "cuda:N"."""
+def _parse_device(device: str) -> tuple[str, int | None]:
+    """(kind, index) from "cpu", "cuda" or "cuda:N"; the index is None where none is named."""
     kind, _, index = str(device).partition(":")
     if kind not in _DEVICES or (index and (kind != "cuda" or not index.isdigit())):
         available = ", ".join(_DEVICES)
         hint = "" if _C.has_cuda else " (this build has no CUDA backend: install on a machine "\
             "with nvcc and cuBLAS)"
         raise FtengineError(f"device {device!r} is not available; use one of: {available}{hint}")
-    return kind, int(index or 0)
+    return kind, int(index) if index else None
 
 
 def _default_dtype(device_kind: str, checkpoint_dtype: str) -> str:
