@@ -157,10 +157,10 @@ std::unique_ptr<Backend> make_cpu_backend(int num_threads);
 // decode steps are captured as CUDA graphs and replayed unless `cuda_graphs` is false;
 // `attention_kernel` names the FastAttention member every attention call uses ("auto": the
 // best for each call); `host_tier_route` where host-tier keys are attended ("auto", "cpu":
-// the CPU kernel, "stream": copied to the GPU). Defined only in builds with CUDA
-// (FTENGINE_WITH_CUDA).
+// the CPU kernel on `cpu_threads` threads (0: every core), "stream": copied to the GPU).
+// Defined only in builds with CUDA (FTENGINE_WITH_CUDA).
 std::unique_ptr<Backend> make_cuda_backend(int device, DType activation, bool cuda_graphs,
                                            const std::string& attention_kernel,
-                                           const std::string& host_tier_route);
+                                           const std::string& host_tier_route, int cpu_threads);
 
 }  // namespace ftengine

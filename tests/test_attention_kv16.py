@@ -97,3 +97,12 @@ def test_bad_kv_dtype_and_arrays():
         _C.attention_cpu(case["q"], bits, bits, *args, kv_dtype="int8")
     with pytest.raises(ValueError, match="uint16"):
         _C.attention_cpu(case["q"], case["k_cache"], case["v_cache"], *args, kv_dtype="bfloat16")
+
+
+def test_query_group_beyond_a_work_item_is_refused():
+    # 64 query heads on one KV head: more rows than a work item holds (the GPU then streams).
+    case = make_case([1], [4], 64, 1, 64, 16, seed=2)
+    bits, _ = to_16bit(case["k_cache"], "bfloat16")
+    with pytest.raises(ValueError, match="query heads per KV head"):
+        _C.attention_cpu(case["q"], bits, bits, case["block_table"], case["cu_seqlens_q"],
+                         case["seqlens_kv"], 0.125, True, kv_dtype="bfloat16")

@@ -104,3 +104,6 @@ def test_host_tier_errors_are_clear(cuda_model):
                                host_tier_attention="disk")
     with pytest.raises(FtengineError, match="gpu_kv_budget"):
         Engine.from_pretrained(directory, device="cuda", progress=False, gpu_kv_budget=-1)
+    with pytest.raises(FtengineError, match="less than one block"):
+        Engine.from_pretrained(directory, device="cuda", progress=False, kv_cache_tokens=4096,
+                               gpu_kv_budget=1e-9)

@@ -34,13 +34,19 @@ HostTierRoute parse_host_tier_route(const std::string& name) {
 }
 
 CooperativeAttention::CooperativeAttention(Allocator& device, Allocator& pinned,
-                                           cudaStream_t stream, HostTierRoute route)
-    : device_(device), pinned_(pinned), stream_(stream), route_(route) {
+                                           cudaStream_t stream, HostTierRoute route,
+                                           int cpu_threads)
+    : device_(device), pinned_(pinned), stream_(stream), route_(route), cpu_threads_(cpu_threads) {
   check_cuda(cudaEventCreateWithFlags(&queries_ready_, cudaEventDisableTiming), "cudaEventCreate");
+  for (cudaEvent_t* event : {&gpu_start_, &split_start_, &split_end_}) {
+    check_cuda(cudaEventCreate(event), "cudaEventCreate");
+  }
 }
 
 CooperativeAttention::~CooperativeAttention() {
-  if (queries_ready_) cudaEventDestroy(queries_ready_);
+  for (cudaEvent_t event : {queries_ready_, gpu_start_, split_start_, split_end_}) {
+    if (event) cudaEventDestroy(event);
+  }
 }
 
 Tensor CooperativeAttention::grow(Tensor& buffer, Allocator& allocator, size_t bytes) {
@@ -50,41 +56,50 @@ Tensor CooperativeAttention::grow(Tensor& buffer, Allocator& allocator, size_t b
     if (buffer.defined() && buffer.device() == Device::kCpu) {
       check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     }
-    buffer = Tensor({static_cast<int64_t>((bytes + 3) / 4)}, DType::kInt32, allocator);
+    // Half again at a time: a staging area that follows a growing sequence is not reallocated
+    // (and the caching allocator not handed a dead gigabyte) for every block.
+    const size_t grown = buffer.defined() ? std::max(bytes, buffer.nbytes() * 3 / 2) : bytes;
+    buffer = Tensor({static_cast<int64_t>((grown + 3) / 4)}, DType::kInt32, allocator);
   }
   return buffer;
 }
 
 int32_t CooperativeAttention::cpu_blocks(int32_t host_blocks) const {
+  if (!cpu_serves_model_ || route_ == HostTierRoute::kStream) return 0;
   if (route_ == HostTierRoute::kCpu) return host_blocks;
-  if (route_ == HostTierRoute::kStream) return 0;
-  return std::min(host_blocks, static_cast<int32_t>(cpu_share_ * host_blocks + 0.5));
+  // auto: at least one block each way, so both sides keep being measured.
+  if (host_blocks < 2) return 0;
+  const auto share = static_cast<int32_t>(cpu_share_ * host_blocks + 0.5);
+  return std::clamp(share, 1, host_blocks - 1);
 }
 
-void CooperativeAttention::balance(double wait) {
-  if (route_ != HostTierRoute::kAuto || last_cpu_seconds_ <= 0 || last_streamed_bytes_ <= 0) {
-    return;
-  }
-  const double cpu_rate = last_cpu_bytes_ / last_cpu_seconds_;
-  // The GPU streamed its share beside the CPU and finished `wait` after it. With no wait the
-  // GPU idled at the end, so it is faster than this says: probe upward.
-  double bus_rate = last_streamed_bytes_ / (last_cpu_seconds_ + wait);
-  if (wait < 0.02 * last_cpu_seconds_) bus_rate *= 1.25;
-  // Never quite zero: the CPU keeps a few blocks, and so keeps measuring its rate.
-  cpu_share_ = std::clamp(0.5 * cpu_share_ + 0.5 * cpu_rate / (cpu_rate + bus_rate), 0.02, 0.95);
+void CooperativeAttention::balance() {
+  if (!measured_) return;
+  measured_ = false;
+  float unsplit_ms = 0, split_ms = 0;
+  check_cuda(cudaEventElapsedTime(&unsplit_ms, gpu_start_, split_start_), "cudaEventElapsedTime");
+  check_cuda(cudaEventElapsedTime(&split_ms, split_start_, split_end_), "cudaEventElapsedTime");
+  if (last_cpu_seconds_ <= 0 || split_ms <= 0) return;
+  // The CPU started with the GPU's device attention (unsplit) and should end with its
+  // streamed share: share·H / cpu_rate = unsplit + (1 − share)·H / bus_rate.
+  const double bytes = last_cpu_bytes_ + last_split_bytes_;
+  const double cpu_seconds_per_byte = last_cpu_seconds_ / last_cpu_bytes_;
+  const double bus_seconds_per_byte = split_ms * 1e-3 / last_split_bytes_;
+  const double target = (unsplit_ms * 1e-3 + bytes * bus_seconds_per_byte) /
+                        (bytes * (cpu_seconds_per_byte + bus_seconds_per_byte));
+  cpu_share_ = std::clamp(0.5 * cpu_share_ + 0.5 * target, 0.0, 1.0);
 }
 
-bool CooperativeAttention::plan(const ForwardBatch& batch) {
+void CooperativeAttention::plan(const ForwardBatch& batch) {
   active_ = batch.uses_host_tier();
   batch_ = &batch;
-  if (!active_) return false;
+  if (!active_) return;
   const int32_t n = batch.num_sequences();
   cpu_parts_.clear();
   streamed_parts_.clear();
   cpu_cu_seqlens_.assign(1, 0);
   cpu_seqlens_.clear();
   cpu_rows_ = 0;
-  max_streamed_blocks_ = 0;
   max_device_len_ = 0;
 
   // Indices: device seqlens [n], then the CPU rows' tokens, then per-part arguments, then the
@@ -109,7 +124,7 @@ bool CooperativeAttention::plan(const ForwardBatch& batch) {
     // own non-causal call, so the batched call skips them.
     host_indices_[s] = q_len == 1 ? tier : 0;
     max_device_len_ = std::max(max_device_len_, host_indices_[s]);
-    parts.push_back({s, q_start, q_len, tier, tier, kv_len - tier, 0, 0});
+    parts.push_back({s, q_start, q_len, tier, tier, kv_len - tier, 0, 0, false});
   }
   prefix_parts_.clear();
   for (const HostPart& part : parts) {
@@ -118,7 +133,7 @@ bool CooperativeAttention::plan(const ForwardBatch& batch) {
     // all); prompt chunks stream unless the CPU route is forced.
     const int32_t host_blocks = (part.host_len + batch.block_size - 1) / batch.block_size;
     const int32_t cpu_len =
-        part.q_len == 1 || route_ == HostTierRoute::kCpu
+        part.q_len == 1 || (route_ == HostTierRoute::kCpu && cpu_serves_model_)
             ? std::min(part.host_len, cpu_blocks(host_blocks) * batch.block_size)
             : 0;
     if (cpu_len > 0) {
@@ -130,6 +145,7 @@ bool CooperativeAttention::plan(const ForwardBatch& batch) {
       HostPart streamed = part;
       streamed.host_start = part.host_start + cpu_len;
       streamed.host_len = part.host_len - cpu_len;
+      streamed.split = cpu_len > 0;
       streamed_parts_.push_back(streamed);
     }
   }
@@ -138,12 +154,21 @@ bool CooperativeAttention::plan(const ForwardBatch& batch) {
     for (int32_t t = 0; t < part.q_len; ++t) host_indices_.push_back(part.q_start + t);
     cpu_rows_ += part.q_len;
   }
-  for (std::vector<HostPart>* list : {&prefix_parts_, &streamed_parts_}) {
+  for (HostPart& part : prefix_parts_) {
+    part.device_args = static_cast<int32_t>(host_indices_.size());
+    host_indices_.insert(host_indices_.end(), {0, part.q_len, part.device_len});
+  }
+  // Streamed slices attend in the order of the events balance() reads: whole parts first.
+  std::stable_partition(streamed_parts_.begin(), streamed_parts_.end(),
+                        [](const HostPart& part) { return !part.split; });
+  int32_t max_streamed_blocks = 0;
+  // CPU parts get streaming arguments too: a model the CPU member cannot take streams them.
+  for (std::vector<HostPart>* list : {&streamed_parts_, &cpu_parts_}) {
     for (HostPart& part : *list) {
-      part.device_args = static_cast<int32_t>(host_indices_.size());
-      host_indices_.insert(host_indices_.end(), {0, part.q_len, part.device_len});
       part.host_args = static_cast<int32_t>(host_indices_.size());
       host_indices_.insert(host_indices_.end(), {0, part.q_len, part.host_len});
+      max_streamed_blocks = std::max(max_streamed_blocks,
+                                     (part.host_len + batch.block_size - 1) / batch.block_size);
     }
   }
   // Table rows of the CPU parts start at their first host-tier block (block ids are
@@ -162,8 +187,7 @@ bool CooperativeAttention::plan(const ForwardBatch& batch) {
     const int32_t* row = batch.block_table.data() + int64_t{part.seq} * batch.block_table_stride;
     std::copy(row, row + batch.block_table_stride, cpu_table_.begin() + i * cpu_table_stride_);
   }
-  if (!streamed_parts_.empty()) max_streamed_blocks_ = batch.block_table_stride;
-  for (int32_t i = 0; i < max_streamed_blocks_; ++i) host_indices_.push_back(i);
+  for (int32_t i = 0; i < max_streamed_blocks; ++i) host_indices_.push_back(i);
 
   grow(indices_, device_, host_indices_.size() * sizeof(int32_t));
   // From pageable memory: the copy is staged before the call returns, so the vector may change.
@@ -171,12 +195,19 @@ bool CooperativeAttention::plan(const ForwardBatch& batch) {
                              host_indices_.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
                              stream_),
              "cudaMemcpyAsync(host-tier indices)");
-  return true;
 }
 
 void CooperativeAttention::run(const kc::AttentionParams& whole_in, const LayerKvCache& cache,
                                const RunGpu& run_gpu) {
   ++stats_.layers;
+  if (whole_in.num_heads / whole_in.num_kv_heads > kcpu::kKv16MaxQueryGroup) {
+    // The CPU member cannot take this model: its host keys stream, from this layer on.
+    cpu_serves_model_ = false;
+    for (HostPart& part : cpu_parts_) {
+      streamed_parts_.push_back(part);
+    }
+    cpu_parts_.clear();
+  }
   kc::AttentionParams whole = whole_in;
   const int64_t tokens = batch_->num_tokens();
   if (!whole.lse) {
@@ -201,14 +232,15 @@ void CooperativeAttention::run(const kc::AttentionParams& whole_in, const LayerK
   }
 
   // 2. Every sequence's device keys, in one call.
+  const bool measure = route_ == HostTierRoute::kAuto && !cpu_parts_.empty();
+  if (measure) check_cuda(cudaEventRecord(gpu_start_, stream_), "cudaEventRecord");
   kc::AttentionParams device = whole;
   device.seqlens_kv = indices + device_seqlens_;
   device.max_seqlen_kv = max_device_len_;
   run_gpu(device);
 
   // 3. Sequences with several queries in the tier see their whole device prefix.
-  {
-    for (const HostPart& part : prefix_parts_) {
+  for (const HostPart& part : prefix_parts_) {
       kc::AttentionParams prefix = whole;
       prefix.q = static_cast<const char*>(whole.q) + part.q_start * row_bytes;
       prefix.out = static_cast<char*>(whole.out) + part.q_start * row_bytes;
@@ -221,19 +253,28 @@ void CooperativeAttention::run(const kc::AttentionParams& whole_in, const LayerK
       prefix.max_seqlen_kv = part.device_len;
       prefix.causal = false;
       run_gpu(prefix);
-    }
   }
 
-  // 4. Host keys over the bus.
-  layer_streamed_bytes_ = 0;
-  for (const HostPart& part : streamed_parts_) stream_part(part, whole, cache, run_gpu);
+  // 4. Host keys over the bus: whole parts, then the slices the CPU shares (timed for auto).
+  last_split_bytes_ = 0;
+  for (const HostPart& part : streamed_parts_) {
+    if (part.split && measure && last_split_bytes_ == 0) {
+      check_cuda(cudaEventRecord(split_start_, stream_), "cudaEventRecord");
+    }
+    const double bytes = stream_part(part, whole, cache, run_gpu);
+    if (part.split) last_split_bytes_ += bytes;
+  }
+  if (measure && last_split_bytes_ > 0) {
+    check_cuda(cudaEventRecord(split_end_, stream_), "cudaEventRecord");
+  }
 
   // 5. The CPU attends over its host keys in place meanwhile.
   if (!cpu_parts_.empty()) run_cpu_parts(whole, cache);
+  measured_ = measure && last_split_bytes_ > 0;
 }
 
-void CooperativeAttention::stream_part(const HostPart& part, const kc::AttentionParams& whole,
-                                       const LayerKvCache& cache, const RunGpu& run_gpu) {
+double CooperativeAttention::stream_part(const HostPart& part, const kc::AttentionParams& whole,
+                                         const LayerKvCache& cache, const RunGpu& run_gpu) {
   const int32_t block_size = whole.block_size;
   const size_t block_bytes = cache.k_host.nbytes() / cache.k_host.dim(0);
   const int32_t first = part.host_start / block_size;
@@ -254,8 +295,8 @@ void CooperativeAttention::stream_part(const HostPart& part, const kc::Attention
     }
     i += run;
   }
-  stats_.streamed_bytes += 2.0 * count * block_bytes;
-  layer_streamed_bytes_ += 2.0 * count * block_bytes;
+  const double streamed = 2.0 * count * block_bytes;
+  stats_.streamed_bytes += streamed;
 
   const int32_t* indices = indices_.data<int32_t>();
   const size_t row_elements = static_cast<size_t>(whole.num_heads) * whole.head_dim;
@@ -278,6 +319,7 @@ void CooperativeAttention::stream_part(const HostPart& part, const kc::Attention
   kc::merge_attention_part(whole.out, whole.lse, data_type(whole.dtype), part_out_.raw(),
                            part_lse_.data<float>(), data_type(whole.dtype), nullptr, part.q_start,
                            part.q_len, whole.num_heads, whole.head_dim, stream_);
+  return streamed;
 }
 
 void CooperativeAttention::run_cpu_parts(const kc::AttentionParams& whole,
@@ -302,9 +344,8 @@ void CooperativeAttention::run_cpu_parts(const kc::AttentionParams& whole,
 
   Clock::time_point start = Clock::now();
   check_cuda(cudaEventSynchronize(queries_ready_), "cudaEventSynchronize");
-  const double wait = seconds_since(start);
-  stats_.query_wait_seconds += wait;
-  balance(wait);
+  stats_.query_wait_seconds += seconds_since(start);
+  balance();  // the last layer's events precede these queries
   start = Clock::now();
   const auto* bits = pinned_queries_.data<uint16_t>();
   const bool bf16 = whole.dtype == kc::ElementType::kBFloat16;
@@ -332,13 +373,13 @@ void CooperativeAttention::run_cpu_parts(const kc::AttentionParams& whole,
   p.head_dim = whole.head_dim;
   p.softmax_scale = whole.softmax_scale;
   p.causal = whole.causal;
+  p.num_threads = cpu_threads_;
   kcpu::kv16_attention(p);
   last_cpu_seconds_ = seconds_since(start);
   last_cpu_bytes_ = 0;
   for (const HostPart& part : cpu_parts_) {
     last_cpu_bytes_ += 2.0 * part.host_len * whole.kv_token_stride * sizeof(uint16_t);
   }
-  last_streamed_bytes_ = layer_streamed_bytes_;
   stats_.cpu_seconds += last_cpu_seconds_;
   stats_.cpu_bytes += last_cpu_bytes_;
 

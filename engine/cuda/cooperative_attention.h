@@ -10,8 +10,10 @@
 //     by the CPU kernel of kernels/cpu/attention_kv16.h while the GPU works ("cpu": the
 //     queries go to the host first, the partial output and log-sum-exp come back), or both
 //     ("auto"): a decode step's host keys split between the CPU (its first blocks) and the
-//     bus (the rest) in the ratio that makes both finish together, learnt from each layer's
-//     timings; prompt chunks stream (the CPU is compute-bound there, 10-100x slower);
+//     bus (the rest) in the ratio that makes both finish together, re-estimated after every
+//     layer from the CPU's and the GPU's measured times; prompt chunks stream (the CPU is
+//     compute-bound there, 10-100x slower). A model whose KV heads serve more query heads
+//     than the CPU member takes streams everything;
 // and each partial is folded into the GPU's by log-sum-exp. Exact, whatever the split.
 #pragma once
 
@@ -41,13 +43,14 @@ class CooperativeAttention {
   // `run_gpu` runs one GPU attention call on the stream (the backend's dispatch).
   using RunGpu = std::function<void(const kernels::cuda::AttentionParams&)>;
 
+  // `cpu_threads` runs the CPU member (0: every core).
   CooperativeAttention(Allocator& device, Allocator& pinned, cudaStream_t stream,
-                       HostTierRoute route);
+                       HostTierRoute route, int cpu_threads);
   ~CooperativeAttention();
 
-  // Plans a step from its host values and uploads what the GPU calls read. False (and nothing
-  // else happens) when no sequence of the step attends over host-tier keys.
-  bool plan(const ForwardBatch& batch);
+  // Plans a step from its host values and uploads what the GPU calls read; nothing happens
+  // (active() is false) when no sequence of the step attends over host-tier keys.
+  void plan(const ForwardBatch& batch);
   bool active() const { return active_; }
 
   // One layer: `whole` describes the call without a tier (q, out, an lse the merges update,
@@ -68,24 +71,30 @@ class CooperativeAttention {
     int32_t host_len;    // boundary on, the sequence's last keys when streamed
     int32_t device_args;  // offset in the uploaded indices of {0, q_len, device_len}
     int32_t host_args;    // ... of {0, q_len, host_len}
+    bool split;           // a streamed slice whose other part the CPU takes (auto)
   };
 
   Tensor grow(Tensor& buffer, Allocator& allocator, size_t bytes);
-  // Host blocks of a decode part the CPU takes under kAuto.
+  // Host blocks of a decode part the CPU takes.
   int32_t cpu_blocks(int32_t host_blocks) const;
-  // Moves cpu_share_ toward the ratio of the CPU's and the bus's rates, measured over the last
-  // layer; `wait` is how long the CPU then waited for this layer's queries (the GPU still
-  // streaming the last layer's share).
-  void balance(double wait);
+  // kAuto: moves cpu_share_ toward the share at which the last layer's CPU part would have
+  // taken as long as the GPU's work beside it (its device attention, then its streamed
+  // share), from the CPU's time and the GPU's event times. Called once those events are done.
+  void balance();
   void run_cpu_parts(const kernels::cuda::AttentionParams& whole, const LayerKvCache& cache);
-  void stream_part(const HostPart& part, const kernels::cuda::AttentionParams& whole,
-                   const LayerKvCache& cache, const RunGpu& run_gpu);
+  // Copies a part's host blocks to the staging area, attends, merges; returns bytes copied.
+  double stream_part(const HostPart& part, const kernels::cuda::AttentionParams& whole,
+                     const LayerKvCache& cache, const RunGpu& run_gpu);
 
   Allocator& device_;
   Allocator& pinned_;
   cudaStream_t stream_;
   HostTierRoute route_;
+  int cpu_threads_;
+  bool cpu_serves_model_ = true;  // the CPU member takes this model's query group
   cudaEvent_t queries_ready_ = nullptr;
+  // Around the GPU's work beside the CPU: its unsplittable part, then its streamed share.
+  cudaEvent_t gpu_start_ = nullptr, split_start_ = nullptr, split_end_ = nullptr;
   bool active_ = false;
   const ForwardBatch* batch_ = nullptr;
 
@@ -99,7 +108,6 @@ class CooperativeAttention {
   std::vector<int32_t> cpu_host_table_;
   int32_t cpu_table_stride_ = 0;
   int32_t cpu_rows_ = 0;
-  int32_t max_streamed_blocks_ = 0;
   int32_t max_device_len_ = 0;
 
   // Device: the uploaded indices (device seqlens, CPU rows' tokens, per-part arguments, the
@@ -111,10 +119,11 @@ class CooperativeAttention {
   Tensor pinned_queries_, pinned_results_;
   std::vector<float> queries_f32_;
 
-  // kAuto's split: the CPU's share of a decode step's host blocks, and the last layer's work.
+  // kAuto's split: the CPU's share of a decode step's host blocks, and the last layer's
+  // measurements (bytes each side took, the CPU's seconds; events give the GPU's).
   double cpu_share_ = 0.3;
-  double last_cpu_seconds_ = 0, last_cpu_bytes_ = 0, last_streamed_bytes_ = 0;
-  double layer_streamed_bytes_ = 0;
+  double last_cpu_seconds_ = 0, last_cpu_bytes_ = 0, last_split_bytes_ = 0;
+  bool measured_ = false;  // the last layer recorded the events balance() reads
 
   HostTierStats stats_;
 };

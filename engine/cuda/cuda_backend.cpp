@@ -66,7 +66,7 @@ struct DeviceBatch {
 class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, DType activation, bool cuda_graphs, kc::AttentionKernel attention,
-              cuda::HostTierRoute host_tier_route)
+              cuda::HostTierRoute host_tier_route, int cpu_threads)
       : device_(device),
         activation_(activation),
         allocator_(device),
@@ -89,8 +89,8 @@ class CudaBackend final : public Backend {
     // 32 MiB: cuBLASLt's Hopper kernels want a large workspace for split-K and stream-K.
     gemm_workspace_ = byte_buffer(size_t{32} << 20);
     gemm_ = std::make_unique<cuda::CublasLtGemm>(gemm_workspace_.raw(), gemm_workspace_.nbytes());
-    cooperative_ = std::make_unique<cuda::CooperativeAttention>(allocator_, pinned_allocator_,
-                                                                 stream_, host_tier_route);
+    cooperative_ = std::make_unique<cuda::CooperativeAttention>(
+        allocator_, pinned_allocator_, stream_, host_tier_route, cpu_threads);
   }
 
   ~CudaBackend() override {
@@ -230,8 +230,9 @@ class CudaBackend final : public Backend {
   // ones would.
   Tensor run_step(const ForwardBatch& batch, const std::function<Tensor()>& forward) override {
     activate();
-    // A step over the host tier waits for the CPU inside every layer: nothing to record, and
-    // its attention takes far longer than launching its kernels.
+    // A step over the host tier copies and plans per step on the host (and may wait for the
+    // CPU inside every layer): nothing to record, and its attention takes far longer than
+    // launching its kernels.
     if (batch.uses_host_tier()) return forward();
     const int64_t n = batch.num_tokens();
     const bool recordable = n > 0 && n <= kMaxGraphTokens && n == batch.num_sequences() &&
@@ -730,10 +731,10 @@ class CudaBackend final : public Backend {
 
 std::unique_ptr<Backend> make_cuda_backend(int device, DType activation, bool cuda_graphs,
                                            const std::string& attention_kernel,
-                                           const std::string& host_tier_route) {
+                                           const std::string& host_tier_route, int cpu_threads) {
   return std::make_unique<CudaBackend>(device, activation, cuda_graphs,
                                        kc::parse_attention_kernel(attention_kernel),
-                                       cuda::parse_host_tier_route(host_tier_route));
+                                       cuda::parse_host_tier_route(host_tier_route), cpu_threads);
 }
 
 }  // namespace ftengine

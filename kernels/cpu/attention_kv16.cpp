@@ -22,7 +22,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int32_t kChunkFloats = 65536;
 constexpr int32_t kMaxChunkKeys = 64;
 // Query rows (tokens × query heads) one work item carries; more go to further items.
-constexpr int32_t kMaxRows = 32;
+constexpr int32_t kMaxRows = kKv16MaxQueryGroup;
 constexpr int32_t kMaxHeadDim = 256;
 // A split is worth its merge only above this many keys.
 constexpr int64_t kMinSplitKeys = 512;
@@ -248,6 +248,10 @@ std::string kv16_attention_unsupported_reason(const Kv16AttentionParams& p) {
   if (p.num_kv_heads <= 0 || p.num_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {
     return "num_heads (" + std::to_string(p.num_heads) + ") must be a positive multiple of " +
            "num_kv_heads (" + std::to_string(p.num_kv_heads) + ")";
+  }
+  if (p.num_heads / p.num_kv_heads > kKv16MaxQueryGroup) {
+    return "at most " + std::to_string(kKv16MaxQueryGroup) + " query heads per KV head, got " +
+           std::to_string(p.num_heads / p.num_kv_heads);
   }
   if (p.head_dim <= 0 || p.head_dim > kMaxHeadDim) {
     return "head_dim must be in [1, " + std::to_string(kMaxHeadDim) + "], got " +

@@ -1,7 +1,7 @@
 // CPU attention over a 16-bit paged KV cache: the host tier of CPU-GPU cooperative attention
 // (FastAttention §3.4). A GPU engine keeps its cache in bfloat16 or float16; the blocks its
 // memory cannot hold live in pinned host memory in the same format, and the CPU attends over
-// them while the GPU attends over the rest (kernels/cpu/attention_merge.h combines the two).
+// them while the GPU attends over the rest (engine/cuda/cooperative_attention.h merges them).
 //
 // Its queries are few (decode steps, short chunks), so the work is one read of K and V, and
 // the plan differs from the float32 member's (kernels/cpu/attention.h, matrix products over
@@ -17,6 +17,9 @@
 namespace ftengine::kernels::cpu {
 
 enum class Kv16Type { kBFloat16, kFloat16 };
+
+// Query heads one KV head may serve (a work item holds one token's whole query group).
+constexpr int32_t kKv16MaxQueryGroup = 32;
 
 struct Kv16AttentionParams {
   // Queries and output packed [token][head][dim], float32; lse[token * num_heads + head]

@@ -100,7 +100,8 @@ std::unique_ptr<Backend> make_backend(const RuntimeOptions& options, DType weigh
       throw std::invalid_argument("the CUDA backend runs float16 or bfloat16 models");
     }
     return make_cuda_backend(options.device_index, weight_dtype, options.cuda_graphs,
-                             options.attention_kernel, options.host_tier_route);
+                             options.attention_kernel, options.host_tier_route,
+                             options.num_threads);
 #else
     throw std::invalid_argument("this build of ftengine has no CUDA backend");
 #endif
@@ -342,7 +343,8 @@ void bind_engine(py::module_& m) {
                              })
       .def(
           "host_tier_stats",
-          [](const Runtime& r) {
+          [](Runtime& r) {
+            std::lock_guard<std::mutex> guard(r.lock());  // a stepping thread updates them
             const HostTierStats stats = r.backend().host_tier_stats();
             py::dict out;
             out["layers"] = stats.layers;

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import threading
@@ -68,14 +69,16 @@ def _kv_bytes_per_token(config: ModelConfig, device: str, tp: int = 1) -> int:
 
 def _gpu_kv_tokens(config: ModelConfig, device_index: int, gpu_kv_budget: float | None,
                    tp: int = 1) -> int:
-    """KV tokens the GPU keeps: gpu_kv_budget GiB, by default half of what is free before
-    loading once the rank's weights are counted (activations and workspaces take the rest)."""
+    """KV tokens the GPU keeps: gpu_kv_budget GiB, by default what is free before loading once
+    the rank's weights and a reserve for activations, workspaces and the host tier's staging
+    (a tenth of the card, at least 4 GiB) are counted."""
     per_token = _kv_bytes_per_token(config, "cuda", tp)
     if gpu_kv_budget is not None:
         return int(gpu_kv_budget * 2**30) // per_token
-    free, _ = _C.cuda_memory_info(device_index)
+    free, total = _C.cuda_memory_info(device_index)
     weights = 2 * config.parameter_count() // tp
-    return max(free - weights, 0) // 2 // per_token
+    reserve = max(4 * 2**30, total // 10)
+    return max(free - weights - reserve, 0) // per_token
 
 
 def _default_kv_cache_tokens(config: ModelConfig, batch: int, device: str = "cpu",
@@ -156,14 +159,14 @@ class Engine:
         forces one member of the GPU FastAttention family ("prefill_sm80", ...) for every
         attention call instead of the best for each ("auto").
 
-        On the GPU, gpu_kv_budget (GiB) bounds the KV cache kept in GPU memory (default: half
-        of the memory free beside the weights). A kv_cache_tokens beyond it puts the rest in a
-        host tier of pinned host memory: attention then runs over both tiers, the CPU
-        attending over host keys while the GPU attends over its own (CPU-GPU cooperative
-        attention). host_tier_attention picks where host keys are attended: "stream" copies
-        them to the GPU, "cpu" has the CPU attend over them in place while the GPU attends
-        over its own, "auto" splits decode between the two in the ratio that makes both finish
-        together (learnt as it runs) and streams prompt chunks.
+        On the GPU, gpu_kv_budget (GiB) bounds the KV cache kept in GPU memory (default: the
+        memory free beside the weights, less a reserve of a tenth of the card, at least 4 GiB).
+        A kv_cache_tokens beyond it puts the rest in a host tier of pinned host memory:
+        attention then runs over both tiers (CPU-GPU cooperative attention).
+        host_tier_attention picks where host keys are attended: "stream" copies them to the
+        GPU, "cpu" has the CPU attend over them in place while the GPU attends over its own,
+        "auto" splits decode between the two in the ratio that makes both finish together
+        (learnt as it runs) and streams prompt chunks.
 
         tp > 1 splits the model over that many MPI ranks (run under `mpirun -np tp`; every rank
         makes the same calls). On the GPU the ranks sum over NCCL, one GPU each: "cuda" takes
@@ -178,7 +181,7 @@ class Engine:
                 raise FtengineError("gpu_kv_budget sizes the GPU's share of the KV cache: "
                                     "it needs device='cuda'")
             if isinstance(gpu_kv_budget, bool) or not isinstance(gpu_kv_budget, (int, float)) \
-                    or not gpu_kv_budget > 0:
+                    or not 0 < gpu_kv_budget < math.inf:
                 raise FtengineError(f"gpu_kv_budget must be a positive number of GiB, got "
                                     f"{gpu_kv_budget!r}")
         if host_tier_attention not in ("auto", "cpu", "stream"):
@@ -257,10 +260,14 @@ class Engine:
                 kv_cache_tokens = distributed.smallest(comm, kv_cache_tokens)
 
         if device_kind == "cuda" and kv_cache_tokens > gpu_kv_tokens:
+            if gpu_kv_tokens < block_size:
+                raise FtengineError(
+                    f"the GPU's share of the KV cache holds {gpu_kv_tokens} tokens, less than one "
+                    f"block of {block_size}: raise gpu_kv_budget or free GPU memory")
             host_bytes = ((kv_cache_tokens - gpu_kv_tokens)
                           * _kv_bytes_per_token(config, "cuda", tp))
             available = _available_host_memory()
-            if gpu_kv_tokens < block_size or host_bytes > 0.9 * available:
+            if host_bytes > 0.9 * available:
                 raise FtengineError(
                     f"kv_cache_tokens={kv_cache_tokens} needs {host_bytes / 2**30:.1f} GiB of "
                     f"host memory beside the GPU's {gpu_kv_tokens} tokens, with "

@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KV cache capacity in tokens, shared by all requests (default: "
                         "the model's context per request, within the memory budget)")
     parser.add_argument("--gpu-kv-budget", type=float, default=None, metavar="GIB",
-                        help="GPU memory for the KV cache in GiB (default: half of what is free "
-                        "beside the weights); a --kv-cache-tokens beyond it keeps the rest in "
-                        "host memory, attended by the CPU and the GPU together")
+                        help="GPU memory for the KV cache in GiB (default: what is free beside "
+                        "the weights, less a reserve); a --kv-cache-tokens beyond it keeps the "
+                        "rest in host memory, attended by the CPU and the GPU together")
     parser.add_argument("--host-tier-attention", choices=("auto", "cpu", "stream"),
                         default="auto",
                         help="where keys in host memory are attended: copied to the GPU "
