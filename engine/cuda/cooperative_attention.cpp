@@ -38,14 +38,17 @@ CooperativeAttention::CooperativeAttention(Allocator& device, Allocator& pinned,
                                            int cpu_threads)
     : device_(device), pinned_(pinned), stream_(stream), route_(route), cpu_threads_(cpu_threads) {
   check_cuda(cudaEventCreateWithFlags(&queries_ready_, cudaEventDisableTiming), "cudaEventCreate");
-  for (cudaEvent_t* event : {&gpu_start_, &split_start_, &split_end_}) {
-    check_cuda(cudaEventCreate(event), "cudaEventCreate");
+  for (auto& set : events_) {
+    for (cudaEvent_t& event : set) check_cuda(cudaEventCreate(&event), "cudaEventCreate");
   }
 }
 
 CooperativeAttention::~CooperativeAttention() {
-  for (cudaEvent_t event : {queries_ready_, gpu_start_, split_start_, split_end_}) {
-    if (event) cudaEventDestroy(event);
+  if (queries_ready_) cudaEventDestroy(queries_ready_);
+  for (auto& set : events_) {
+    for (cudaEvent_t event : set) {
+      if (event) cudaEventDestroy(event);
+    }
   }
 }
 
@@ -74,17 +77,19 @@ int32_t CooperativeAttention::cpu_blocks(int32_t host_blocks) const {
 }
 
 void CooperativeAttention::balance() {
-  if (!measured_) return;
-  measured_ = false;
+  if (!pending_) return;
+  const Measurement last = *pending_;
+  pending_.reset();
+  cudaEvent_t* events = events_[last.event_set];
   float unsplit_ms = 0, split_ms = 0;
-  check_cuda(cudaEventElapsedTime(&unsplit_ms, gpu_start_, split_start_), "cudaEventElapsedTime");
-  check_cuda(cudaEventElapsedTime(&split_ms, split_start_, split_end_), "cudaEventElapsedTime");
-  if (last_cpu_seconds_ <= 0 || split_ms <= 0) return;
+  check_cuda(cudaEventElapsedTime(&unsplit_ms, events[0], events[1]), "cudaEventElapsedTime");
+  check_cuda(cudaEventElapsedTime(&split_ms, events[1], events[2]), "cudaEventElapsedTime");
+  if (last.cpu_seconds <= 0 || last.cpu_bytes <= 0 || split_ms <= 0) return;
   // The CPU started with the GPU's device attention (unsplit) and should end with its
   // streamed share: share·H / cpu_rate = unsplit + (1 − share)·H / bus_rate.
-  const double bytes = last_cpu_bytes_ + last_split_bytes_;
-  const double cpu_seconds_per_byte = last_cpu_seconds_ / last_cpu_bytes_;
-  const double bus_seconds_per_byte = split_ms * 1e-3 / last_split_bytes_;
+  const double bytes = last.cpu_bytes + last.split_bytes;
+  const double cpu_seconds_per_byte = last.cpu_seconds / last.cpu_bytes;
+  const double bus_seconds_per_byte = split_ms * 1e-3 / last.split_bytes;
   const double target = (unsplit_ms * 1e-3 + bytes * bus_seconds_per_byte) /
                         (bytes * (cpu_seconds_per_byte + bus_seconds_per_byte));
   cpu_share_ = std::clamp(0.5 * cpu_share_ + 0.5 * target, 0.0, 1.0);
@@ -233,7 +238,8 @@ void CooperativeAttention::run(const kc::AttentionParams& whole_in, const LayerK
 
   // 2. Every sequence's device keys, in one call.
   const bool measure = route_ == HostTierRoute::kAuto && !cpu_parts_.empty();
-  if (measure) check_cuda(cudaEventRecord(gpu_start_, stream_), "cudaEventRecord");
+  cudaEvent_t* events = events_[event_set_];
+  if (measure) check_cuda(cudaEventRecord(events[0], stream_), "cudaEventRecord");
   kc::AttentionParams device = whole;
   device.seqlens_kv = indices + device_seqlens_;
   device.max_seqlen_kv = max_device_len_;
@@ -256,21 +262,23 @@ void CooperativeAttention::run(const kc::AttentionParams& whole_in, const LayerK
   }
 
   // 4. Host keys over the bus: whole parts, then the slices the CPU shares (timed for auto).
-  last_split_bytes_ = 0;
+  double split_bytes = 0;
   for (const HostPart& part : streamed_parts_) {
-    if (part.split && measure && last_split_bytes_ == 0) {
-      check_cuda(cudaEventRecord(split_start_, stream_), "cudaEventRecord");
+    if (part.split && measure && split_bytes == 0) {
+      check_cuda(cudaEventRecord(events[1], stream_), "cudaEventRecord");
     }
     const double bytes = stream_part(part, whole, cache, run_gpu);
-    if (part.split) last_split_bytes_ += bytes;
+    if (part.split) split_bytes += bytes;
   }
-  if (measure && last_split_bytes_ > 0) {
-    check_cuda(cudaEventRecord(split_end_, stream_), "cudaEventRecord");
-  }
+  if (measure && split_bytes > 0) check_cuda(cudaEventRecord(events[2], stream_), "cudaEventRecord");
 
-  // 5. The CPU attends over its host keys in place meanwhile.
+  // 5. The CPU attends over its host keys in place meanwhile (balancing on the last layer's
+  // measurement first).
   if (!cpu_parts_.empty()) run_cpu_parts(whole, cache);
-  measured_ = measure && last_split_bytes_ > 0;
+  if (measure && split_bytes > 0) {
+    pending_ = Measurement{event_set_, last_cpu_seconds_, last_cpu_bytes_, split_bytes};
+    event_set_ ^= 1;
+  }
 }
 
 double CooperativeAttention::stream_part(const HostPart& part, const kc::AttentionParams& whole,

@@ -22,6 +22,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -93,8 +94,11 @@ class CooperativeAttention {
   int cpu_threads_;
   bool cpu_serves_model_ = true;  // the CPU member takes this model's query group
   cudaEvent_t queries_ready_ = nullptr;
-  // Around the GPU's work beside the CPU: its unsplittable part, then its streamed share.
-  cudaEvent_t gpu_start_ = nullptr, split_start_ = nullptr, split_end_ = nullptr;
+  // Around the GPU's work beside the CPU: {start, split start, split end} (its unsplittable
+  // part, then its streamed share), two sets: a layer records one while balance() reads the
+  // other, the last layer's.
+  cudaEvent_t events_[2][3] = {};
+  int event_set_ = 0;
   bool active_ = false;
   const ForwardBatch* batch_ = nullptr;
 
@@ -120,10 +124,14 @@ class CooperativeAttention {
   std::vector<float> queries_f32_;
 
   // kAuto's split: the CPU's share of a decode step's host blocks, and the last layer's
-  // measurements (bytes each side took, the CPU's seconds; events give the GPU's).
+  // measurements (bytes each side took, the CPU's seconds; its event set gives the GPU's).
+  struct Measurement {
+    int event_set = 0;
+    double cpu_seconds = 0, cpu_bytes = 0, split_bytes = 0;
+  };
   double cpu_share_ = 0.3;
-  double last_cpu_seconds_ = 0, last_cpu_bytes_ = 0, last_split_bytes_ = 0;
-  bool measured_ = false;  // the last layer recorded the events balance() reads
+  double last_cpu_seconds_ = 0, last_cpu_bytes_ = 0;  // this layer's CPU part
+  std::optional<Measurement> pending_;                // the last layer's, until balanced
 
   HostTierStats stats_;
 };
