@@ -337,7 +337,7 @@ class AttentionRunner {
 
     // Every core already runs one of these workers, so each calls BLAS single-threaded. The
     // engine sets this once for the process (blas.h); repeating it here costs nothing and
-    // keeps callers without an engine (bindings, tests) off OpenBLAS's own thread pool.
+    // keeps callers without an engine (bindings, tests) off a BLAS thread pool.
     use_single_threaded_blas();
 #pragma omp parallel num_threads(threads)
     {
