@@ -16,10 +16,15 @@ namespace blas {
 // Both are 32-bit integer (LP64) interfaces with the reference CBLAS enums.
 #if defined(FTENGINE_WITH_MKL)
 using Int = MKL_INT;
+// Whether sgemm copies its operands into packed panels once per call (OpenBLAS) rather than
+// reading them in place (MKL's kernels for the attention's shapes): strided operands then cost
+// one slow pass per call, not one per use.
+constexpr bool packs_operands = false;
 constexpr auto cblas_sgemm_entry = cblas_sgemm;
 constexpr auto cblas_sgemv_entry = cblas_sgemv;
 #else
 using Int = blasint;
+constexpr bool packs_operands = true;
 constexpr auto cblas_sgemm_entry = scipy_cblas_sgemm;
 constexpr auto cblas_sgemv_entry = scipy_cblas_sgemv;
 #endif
