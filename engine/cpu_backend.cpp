@@ -1,5 +1,5 @@
-// The CPU backend: float32 activations, OpenMP for row-parallel kernels, OpenBLAS for the matrix
-// products, and the CPU FastAttention kernel.
+// The CPU backend: float32 activations, OpenMP for row-parallel kernels, BLAS (blas.h) for the
+// matrix products, and the CPU FastAttention kernel.
 #include <omp.h>
 
 #include <algorithm>
@@ -246,7 +246,8 @@ class CpuBackend final : public Backend {
 
   // Each thread multiplies x by its own panels of weight rows (output columns) with
   // single-threaded BLAS. bfloat16 panels are widened into a per-thread buffer first, so memory
-  // traffic stays that of bfloat16 (the wheel's OpenBLAS has no sbgemm).
+  // traffic stays that of bfloat16 (blas.h has float32 products only: the wheel's OpenBLAS has
+  // no sbgemm).
   void linear_partitioned(const Tensor& x, const Tensor& weight, Tensor& out) {
     const int64_t rows = x.dim(0), in_features = x.dim(1), out_features = weight.dim(0);
     const bool widen = weight.dtype() == DType::kBFloat16;

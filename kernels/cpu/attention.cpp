@@ -239,10 +239,13 @@ struct WorkPlan {
 // buffer stays small next to the cache itself.
 constexpr int64_t kWaveCopyBytes = int64_t{32} << 20;
 // Tiles per KV head from which the head is copied. The copy costs a pass over the head (read,
-// write, read again); each tile then packs contiguous rows instead of 16 KiB-strided ones.
-// Measured on 2 cores, prefill 2 / 4 / 8 tiles per head (S = 1024 / 2048 / 4096): direct
-// 1.05-1.11x / 1.01-1.04x / 0.90-0.97x torch, copied 0.99x / 0.98x / 0.96-0.97x.
-constexpr int kMinTilesPerHeadCopy = 8;
+// write, read again); each tile then reads contiguous rows instead of 16 KiB-strided ones.
+// Measured on 2 cores, prefill 2 / 4 / 8 tiles per head (S = 1024 / 2048 / 4096), OpenBLAS
+// (which packs each operand once per call): direct 1.05-1.11x / 1.01-1.04x / 0.90-0.97x torch,
+// copied 0.99x / 0.98x / 0.96-0.97x. MKL's kernels read the operands in place on every pass, so
+// there even two readers repay the copy: S = 1024 / 2048 direct 0.96-1.01x / 0.80-0.98x, copied
+// 1.11-1.15x / 1.05-1.07x.
+constexpr int kMinTilesPerHeadCopy = blas::packs_operands ? 8 : 2;
 // Key positions per unit of the parallel copy.
 constexpr int kCopyChunkTokens = 32;
 // Gap after each region of a head copy, 9 cache lines. Regions are whole pages long for usual
@@ -309,7 +312,7 @@ class AttentionRunner {
 
     // Every core already runs one of these workers, so each calls BLAS single-threaded. The
     // engine sets this once for the process (blas.h); repeating it here costs nothing and
-    // keeps callers without an engine (bindings, tests) off OpenBLAS's own thread pool.
+    // keeps callers without an engine (bindings, tests) off a BLAS thread pool.
     use_single_threaded_blas();
 #pragma omp parallel num_threads(threads)
     {

@@ -9,7 +9,9 @@ unpermuted weights.
 
 from __future__ import annotations
 
+import mmap
 import re
+import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -107,9 +109,63 @@ class GgufEntry:
         return values, native
 
 
+def _check_metadata_lengths(path: Path) -> None:
+    """Rejects metadata whose lengths run past the end of the file. gguf's reader walks an
+    array's claimed element count one element at a time, and reads past the end of the file as
+    empty slices: a corrupt count (2^62) keeps it busy for ever (found by scripts/fuzz_gguf.py).
+    Files that are not GGUF v2+ are left to the reader to reject."""
+    from gguf import GGUF_MAGIC, GGUFValueType
+
+    scalar_bytes = {
+        GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1,
+        GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
+        GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4,
+        GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8,
+    }
+    with open(path, "rb") as file:
+        if file.seek(0, 2) < 24:
+            return
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            magic, version = struct.unpack_from("<II", data, 0)
+            if magic != GGUF_MAGIC or version == 1:
+                return
+            # The reader takes a version with empty low bytes for a big-endian file.
+            order = ">" if version & 0xFFFF == 0 else "<"
+
+            def read(fmt: str, offset: int) -> tuple[tuple[int, ...], int]:
+                end = offset + struct.calcsize(order + fmt)
+                if end > len(data):
+                    raise WeightFileError(f"{path}: GGUF metadata runs past the end of the file")
+                return struct.unpack_from(order + fmt, data, offset), end
+
+            def skip_value(kind: int, offset: int) -> int:
+                if kind in scalar_bytes:
+                    return offset + scalar_bytes[kind]
+                if kind == GGUFValueType.STRING:
+                    (length,), offset = read("Q", offset)
+                    return offset + length
+                if kind != GGUFValueType.ARRAY:
+                    raise WeightFileError(f"{path}: unknown GGUF metadata type {kind}")
+                (item_kind, count), offset = read("IQ", offset)
+                if item_kind in scalar_bytes:
+                    return offset + count * scalar_bytes[item_kind]
+                for _ in range(count):  # each item reads a length first: ends at the file's end
+                    offset = skip_value(item_kind, offset)
+                return offset
+
+            (_, kv_count), offset = read("QQ", 8)
+            for _ in range(kv_count):
+                (key_length,), offset = read("Q", offset)
+                (kind,), offset = read("I", offset + key_length)
+                offset = skip_value(kind, offset)
+                if offset > len(data):
+                    raise WeightFileError(f"{path}: GGUF metadata runs past the end of the file")
+
+
 def _read_file(path: Path):
     import gguf
 
+    _check_metadata_lengths(path)
     try:
         reader = gguf.GGUFReader(path, "r")
     except FtengineError:
