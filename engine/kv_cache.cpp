@@ -76,9 +76,8 @@ void KvCache::release(std::vector<int32_t>& blocks) {
 }
 
 int32_t KvCache::host_tier_start(const std::vector<int32_t>& blocks) const {
-  const int32_t host_first = host_first_block();
-  const auto host = std::find_if(blocks.begin(), blocks.end(),
-                                 [&](int32_t block) { return block >= host_first; });
+  // A sequence's blocks come from one allocate() call, in ascending order.
+  const auto host = std::lower_bound(blocks.begin(), blocks.end(), host_first_block());
   return static_cast<int32_t>(host - blocks.begin()) * shape_.block_size;
 }
 

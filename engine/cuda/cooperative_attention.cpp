@@ -176,22 +176,26 @@ void CooperativeAttention::plan(const ForwardBatch& batch) {
                                      (part.host_len + batch.block_size - 1) / batch.block_size);
     }
   }
-  // Table rows of the CPU parts start at their first host-tier block (block ids are
-  // host-tier-relative at run time, when the cache says where its tier starts).
+  // Table rows of the CPU parts: their host blocks, global ids until the first layer says
+  // where the cache's tier starts.
   cpu_table_stride_ = 1;
   for (const HostPart& part : cpu_parts_) {
     cpu_cu_seqlens_.push_back(cpu_cu_seqlens_.back() + part.q_len);
     cpu_seqlens_.push_back(part.host_len);
-    cpu_table_stride_ = std::max(cpu_table_stride_, batch.block_table_stride);
+    cpu_table_stride_ =
+        std::max(cpu_table_stride_, (part.host_len + batch.block_size - 1) / batch.block_size);
   }
   cpu_table_.assign(cpu_parts_.size() * static_cast<size_t>(cpu_table_stride_), 0);
-  cpu_host_table_.clear();
-  identity_table_ = static_cast<int32_t>(host_indices_.size());
+  cpu_table_host_relative_ = false;
   for (size_t i = 0; i < cpu_parts_.size(); ++i) {
     const HostPart& part = cpu_parts_[i];
-    const int32_t* row = batch.block_table.data() + int64_t{part.seq} * batch.block_table_stride;
-    std::copy(row, row + batch.block_table_stride, cpu_table_.begin() + i * cpu_table_stride_);
+    const int32_t* first = batch.block_table.data() +
+                           int64_t{part.seq} * batch.block_table_stride +
+                           part.host_start / batch.block_size;
+    std::copy(first, first + (part.host_len + batch.block_size - 1) / batch.block_size,
+              cpu_table_.begin() + i * cpu_table_stride_);
   }
+  identity_table_ = static_cast<int32_t>(host_indices_.size());
   for (int32_t i = 0; i < max_streamed_blocks; ++i) host_indices_.push_back(i);
 
   grow(indices_, device_, host_indices_.size() * sizeof(int32_t));
@@ -334,16 +338,10 @@ void CooperativeAttention::run_cpu_parts(const kc::AttentionParams& whole,
                                          const LayerKvCache& cache) {
   const int64_t row_elements = int64_t{whole.num_heads} * whole.head_dim;
   const int64_t rows = cpu_rows_;
-  // Host-tier block ids of the CPU parts' rows (the tier's start is the cache's).
-  cpu_host_table_.assign(cpu_table_.size(), 0);
-  for (size_t i = 0; i < cpu_parts_.size(); ++i) {
-    const HostPart& part = cpu_parts_[i];
-    const int32_t first = part.host_start / whole.block_size;
-    const int32_t count = (part.host_len + whole.block_size - 1) / whole.block_size;
-    for (int32_t b = 0; b < count; ++b) {
-      cpu_host_table_[i * cpu_table_stride_ + b] =
-          cpu_table_[i * cpu_table_stride_ + first + b] - cache.host_first_block;
-    }
+  // Host-tier block ids, once a step (every layer's cache has its tier at the same block).
+  if (!cpu_table_host_relative_) {
+    for (int32_t& block : cpu_table_) block -= cache.host_first_block;
+    cpu_table_host_relative_ = true;
   }
   grow(pinned_results_, pinned_, rows * (row_elements + whole.num_heads) * sizeof(float));
   float* out = pinned_results_.data<float>();
@@ -371,7 +369,7 @@ void CooperativeAttention::run_cpu_parts(const kc::AttentionParams& whole,
   p.kv_token_stride = whole.kv_token_stride;
   p.kv_head_stride = whole.kv_head_stride;
   p.block_size = whole.block_size;
-  p.block_table = cpu_host_table_.data();
+  p.block_table = cpu_table_.data();
   p.block_table_stride = cpu_table_stride_;
   p.cu_seqlens_q = cpu_cu_seqlens_.data();
   p.seqlens_kv = cpu_seqlens_.data();

@@ -108,8 +108,8 @@ class CooperativeAttention {
   // Inputs of the CPU kernel over cpu_parts_, packed: query rows, lengths, table rows.
   std::vector<int32_t> cpu_cu_seqlens_;
   std::vector<int32_t> cpu_seqlens_;
-  std::vector<int32_t> cpu_table_;  // global block ids; host-tier ids at run time
-  std::vector<int32_t> cpu_host_table_;
+  std::vector<int32_t> cpu_table_;  // rows of host blocks: global ids, then host-tier ids
+  bool cpu_table_host_relative_ = false;
   int32_t cpu_table_stride_ = 0;
   int32_t cpu_rows_ = 0;
   int32_t max_device_len_ = 0;

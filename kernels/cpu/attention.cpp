@@ -21,9 +21,6 @@
 namespace ftengine::kernels::cpu {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // First level: KV tokens per score block. 256 columns keep the score tile and one K/V block
 // in L2 while giving sgemm an N (or K) dimension long enough to amortise its packing.

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -15,9 +14,6 @@
 namespace ftengine::kernels::cpu {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 // Floats of K (and of V) widened at a time: a chunk of keys of the item's heads, in L2.
 constexpr int32_t kChunkFloats = 65536;
 constexpr int32_t kMaxChunkKeys = 64;

@@ -1,10 +1,16 @@
-// 2^x for the softmax loops of the CPU attention members, vectorisable inside `omp simd`.
+// The online softmax's arithmetic shared by the CPU attention members: scores in log2 units,
+// 2^x vectorisable inside `omp simd`, log-sum-exps back in natural log.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace ftengine::kernels::cpu {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 // 2^x for x <= 0 with relative error ~2e-7, written so that gcc vectorises it inside an
 // `omp simd` loop (std::exp2 is a libm call and would serialise the softmax). Inputs below

@@ -173,14 +173,11 @@ std::tuple<py::array_t<float>, py::array_t<float>> attention_cpu(
   py::array_t<float> out({num_tokens, num_heads, head_dim});
   py::array_t<float> lse({num_tokens, num_heads});
 
-  if (kv16) {
-    kcpu::Kv16AttentionParams params;
+  // The fields both members' params share: packed q/out, the cache's layout, the batch.
+  auto describe = [&](auto& params) {
     params.q = static_cast<const float*>(q.data());
     params.out = out.mutable_data();
     params.lse = lse.mutable_data();
-    params.k_cache = static_cast<const uint16_t*>(k_cache.data());
-    params.v_cache = static_cast<const uint16_t*>(v_cache.data());
-    params.kv_type = kv_dtype == "bfloat16" ? kcpu::Kv16Type::kBFloat16 : kcpu::Kv16Type::kFloat16;
     params.kv_block_stride = block_size * num_kv_heads * head_dim;
     params.kv_token_stride = num_kv_heads * head_dim;
     params.kv_head_stride = head_dim;
@@ -196,6 +193,14 @@ std::tuple<py::array_t<float>, py::array_t<float>> attention_cpu(
     params.softmax_scale = static_cast<float>(softmax_scale);
     params.causal = causal;
     params.num_threads = num_threads;
+  };
+
+  if (kv16) {
+    kcpu::Kv16AttentionParams params;
+    describe(params);
+    params.k_cache = static_cast<const uint16_t*>(k_cache.data());
+    params.v_cache = static_cast<const uint16_t*>(v_cache.data());
+    params.kv_type = kv_dtype == "bfloat16" ? kcpu::Kv16Type::kBFloat16 : kcpu::Kv16Type::kFloat16;
     const std::string reason = kcpu::kv16_attention_unsupported_reason(params);
     if (!reason.empty()) throw std::invalid_argument("attention_cpu: " + reason);
     py::gil_scoped_release release;
@@ -203,33 +208,16 @@ std::tuple<py::array_t<float>, py::array_t<float>> attention_cpu(
     return {out, lse};
   }
 
-  ftengine::kernels::cpu::AttentionParams params;
-  params.q = static_cast<const float*>(q.data());
+  kcpu::AttentionParams params;
+  describe(params);
   params.q_token_stride = num_heads * head_dim;
   params.q_head_stride = head_dim;
-  params.out = out.mutable_data();
   params.out_token_stride = num_heads * head_dim;
   params.out_head_stride = head_dim;
-  params.lse = lse.mutable_data();
   params.k_cache = static_cast<const float*>(k_cache.data());
   params.v_cache = static_cast<const float*>(v_cache.data());
-  params.kv_block_stride = block_size * num_kv_heads * head_dim;
-  params.kv_token_stride = num_kv_heads * head_dim;
-  params.kv_head_stride = head_dim;
-  params.block_size = static_cast<int32_t>(block_size);
-  params.block_table = table;
-  params.block_table_stride = static_cast<int32_t>(max_blocks);
-  params.cu_seqlens_q = cu;
-  params.seqlens_kv = kv_lens;
-  params.batch = static_cast<int32_t>(batch);
-  params.num_heads = static_cast<int32_t>(num_heads);
-  params.num_kv_heads = static_cast<int32_t>(num_kv_heads);
-  params.head_dim = static_cast<int32_t>(head_dim);
-  params.softmax_scale = static_cast<float>(softmax_scale);
-  params.causal = causal;
-  params.num_threads = num_threads;
 
-  const std::string reason = ftengine::kernels::cpu::attention_unsupported_reason(params);
+  const std::string reason = kcpu::attention_unsupported_reason(params);
   if (!reason.empty()) throw std::invalid_argument("attention_cpu: " + reason);
   {
     py::gil_scoped_release release;
