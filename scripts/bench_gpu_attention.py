@@ -4,10 +4,12 @@ materialised attention, in one process on one card. Prints ratios; writes JSON (
 matplotlib is there) under --out.
 
 Prefill: the sweep of shared/BASELINES.md (B*S = 16K tokens, 32 heads, head_dim 128, causal and
-not, bf16 and fp16). The fp16 rows also time the Turing (prefill_sm75) and Volta (prefill_sm70)
-members, with their ratio to the efficient backend (the xformers kernel, the paper's Volta
-baseline: FastAttention 1.43x). On this card they only show that the kernels run and how they
-compare here: their speed on an H100 says nothing about their speed on a T4 or a V100.
+not, bf16 and fp16), and bf16 at head_dim 64. On a Hopper card the Hopper member (prefill_sm90:
+wgmma, TMA) runs beside the sm80 member, against cuDNN (SDPA's fastest backend there). The fp16
+rows also time the Turing (prefill_sm75) and Volta (prefill_sm70) members, with their ratio to
+the efficient backend (the xformers kernel, the paper's Volta baseline: FastAttention 1.43x). On
+this card they only show that the kernels run and how they compare here: their speed on a
+Hopper says nothing about their speed on a T4 or a V100.
 Decode: one query token per sequence over a paged cache, GB/s of K+V read.
 
     python scripts/bench_gpu_attention.py --size full --out OUT
@@ -96,7 +98,8 @@ def ftengine_attention(kernel, q, k_cache, v_cache, table, q_lens, kv_lens, caus
         seqlens_kv=seqlens.data_ptr(), q_token_stride=h * d, q_head_stride=d,
         out_token_stride=h * d, out_head_stride=d, kv_block_stride=k_cache.stride(0),
         kv_token_stride=k_cache.stride(1), kv_head_stride=k_cache.stride(2),
-        block_size=k_cache.shape[1], block_table_stride=table.shape[1], batch=len(q_lens),
+        block_size=k_cache.shape[1], kv_num_blocks=k_cache.shape[0],
+        block_table_stride=table.shape[1], batch=len(q_lens),
         max_seqlen_q=max(q_lens), max_seqlen_kv=max(kv_lens), num_heads=h, num_kv_heads=kvh,
         head_dim=d, softmax_scale=1 / math.sqrt(d), causal=causal)
     # The stream is read at each call: under graph capture it is the capturing stream.
@@ -120,6 +123,7 @@ def standard_attention(q, k, v, causal):
 
 
 def prefill_sweep(lengths, dtypes, heads=32, head_dim=128, tokens=16384):
+    hopper = _C.cuda_device_capability() == 90
     rows = []
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
@@ -129,7 +133,8 @@ def prefill_sweep(lengths, dtypes, heads=32, head_dim=128, tokens=16384):
                 q = torch.randn(b, s, heads, head_dim, device="cuda", dtype=dtype)
                 k, v = torch.randn_like(q), torch.randn_like(q)
                 flops = 4 * b * s * s * heads * head_dim / (2 if causal else 1)
-                row = {"dtype": dtype_name, "causal": causal, "seq_len": s, "batch": b}
+                row = {"dtype": dtype_name, "causal": causal, "seq_len": s, "batch": b,
+                       "head_dim": head_dim}
                 k_cache, v_cache, table = paged(k, v, 128)
                 out = torch.empty(b * s, heads, head_dim, device="cuda", dtype=dtype)
                 lse = torch.empty(b * s, heads, device="cuda", dtype=torch.float32)
@@ -137,6 +142,11 @@ def prefill_sweep(lengths, dtypes, heads=32, head_dim=128, tokens=16384):
                                          k_cache, v_cache, table, [s] * b, [s] * b, causal,
                                          out, lse)
                 row["ftengine_sm80"] = flops / median_ms(run) / 1e9
+                if hopper:
+                    run = ftengine_attention("prefill_sm90", q.reshape(b * s, heads, head_dim),
+                                             k_cache, v_cache, table, [s] * b, [s] * b, causal,
+                                             out, lse)
+                    row["ftengine_sm90"] = flops / median_ms(run) / 1e9
                 # fp16 only: Turing and Volta tensor cores have no bf16.
                 for member in LOW_RESOURCE_MEMBERS if dtype == torch.float16 else ():
                     run = ftengine_attention(f"prefill_{member}", q.reshape(b * s, heads, head_dim),
@@ -157,11 +167,15 @@ def prefill_sweep(lengths, dtypes, heads=32, head_dim=128, tokens=16384):
                         graph=False) / 1e9
                 rows.append(row)
                 ratio = row["ftengine_sm80"] / row["sdpa_flash"] if row.get("sdpa_flash") else 0
-                print(f"prefill {dtype_name} causal={causal!s:5} S={s:6}: ftengine "
-                      f"{row['ftengine_sm80']:6.1f} TFLOP/s, "
+                print(f"prefill {dtype_name} d={head_dim} causal={causal!s:5} S={s:6}: ftengine "
+                      f"sm80 {row['ftengine_sm80']:6.1f} TFLOP/s, "
                       f"flash {row.get('sdpa_flash') or 0:6.1f}, "
                       f"cudnn {row.get('sdpa_cudnn') or 0:6.1f} -> {ratio:.2f}x flash",
                       flush=True)
+                if hopper:
+                    cudnn = row.get("sdpa_cudnn") or 0
+                    print(f"  sm90: {row['ftengine_sm90']:6.1f} TFLOP/s -> "
+                          f"{row['ftengine_sm90'] / cudnn if cudnn else 0:.2f}x cudnn", flush=True)
                 for member in LOW_RESOURCE_MEMBERS if dtype == torch.float16 else ():
                     speed = row[f"ftengine_{member}"]
                     efficient = row.get("sdpa_efficient") or 0
@@ -220,9 +234,11 @@ def plot(result, path):
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for causal, ax in zip((True, False), axes, strict=True):
-        rows = [r for r in result["prefill"] if r["causal"] == causal and r["dtype"] == "bfloat16"]
+        rows = [r for r in result["prefill"] if r["causal"] == causal and r["dtype"] == "bfloat16"
+                and r["head_dim"] == 128]
         xs = [r["seq_len"] for r in rows]
-        for key in ("ftengine_sm80", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "standard"):
+        for key in ("ftengine_sm90", "ftengine_sm80", "sdpa_flash", "sdpa_efficient",
+                    "sdpa_cudnn", "standard"):
             ys = [r.get(key) for r in rows]
             if any(ys):
                 ax.plot(xs, [y or float("nan") for y in ys], marker="o", label=key)
@@ -248,9 +264,10 @@ def main() -> int:
     torch.manual_seed(0)
     quick = args.size == "quick"
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    result["prefill"] = prefill_sweep([1024, 4096] if quick else
-                                      [512, 1024, 2048, 4096, 8192, 16384],
-                                      ["bfloat16"] if quick else ["bfloat16", "float16"])
+    lengths = [1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384]
+    result["prefill"] = prefill_sweep(lengths, ["bfloat16"] if quick else ["bfloat16", "float16"])
+    result["prefill"] += prefill_sweep(lengths[-2:] if quick else lengths[1:], ["bfloat16"],
+                                       heads=64, head_dim=64)
     result["decode"] = decode_sweep(DECODE_POINTS[:3] if quick else DECODE_POINTS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -182,6 +182,7 @@ def attention_kwargs(
         kv_token_stride=case.k_cache.stride(1),
         kv_head_stride=case.k_cache.stride(2),
         block_size=case.block_size,
+        kv_num_blocks=case.k_cache.shape[0],
         block_table_stride=case.block_table.stride(0),
         batch=len(case.q_lens),
         max_seqlen_q=max(case.q_lens, default=0) if max_seqlen_q is None else max_seqlen_q,

@@ -1,12 +1,12 @@
-"""Op tests of the FastAttention prefill members (_C.cuda_attention("prefill_sm80", ...),
-"prefill_sm75", "prefill_sm70").
+"""Op tests of the FastAttention prefill members (_C.cuda_attention("prefill_sm90", ...),
+"prefill_sm80", "prefill_sm75", "prefill_sm70").
 
 Each case: fresh random inputs with a fixed seed, a paged cache with shuffled block tables and
 NaN in every slot no sequence owns, NaN-poisoned outputs, and FlashAttention-2's error rule
 against a float64 reference (cuda_attention_util.assert_matches_reference). The Turing and Volta
 members run on any later GPU too (their instructions are still there), so all three are tested on
 the GPU at hand; they take float16 only (no bf16 tensor cores on those GPUs), and a bf16 case
-checks that they refuse it.
+checks that they refuse it. The Hopper member (wgmma, TMA) runs on compute capability 9.0 only.
 """
 
 import math
@@ -16,16 +16,18 @@ import torch
 from cuda_attention_util import (
     CUDA_ATTENTION_MARKS,
     assert_matches_reference,
+    attention_kwargs,
     device_capability,
     make_paged_case,
     run_cuda_attention,
     unsupported_reason,
 )
+from ftengine import _C
 
 pytestmark = CUDA_ATTENTION_MARKS
 
 # member -> the compute capability its instructions need
-KERNELS = {"prefill_sm80": 80, "prefill_sm75": 75, "prefill_sm70": 70}
+KERNELS = {"prefill_sm90": 90, "prefill_sm80": 80, "prefill_sm75": 75, "prefill_sm70": 70}
 FP16_ONLY = {"prefill_sm75", "prefill_sm70"}
 DTYPES = [torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp16", "bf16"]
@@ -33,6 +35,8 @@ DTYPE_IDS = ["fp16", "bf16"]
 
 @pytest.fixture(params=list(KERNELS))
 def kernel(request):
+    if request.param == "prefill_sm90" and device_capability() != 90:
+        pytest.skip("prefill_sm90 is sm_90a code: Hopper (compute capability 9.0) only")
     if device_capability() < KERNELS[request.param]:
         pytest.skip(f"{request.param} needs compute capability {KERNELS[request.param]}")
     return request.param
@@ -174,3 +178,15 @@ def test_unsupported_params_are_refused(kernel, head_dim, block_size, expected):
     assert expected in reason
     with pytest.raises(ValueError, match=expected):
         run_cuda_attention(kernel, case)
+
+
+def test_hopper_member_needs_the_cache_extent():
+    # Its TMA tensor maps are bounded by the caches' block count; a caller that leaves it out
+    # gets a reason, not a map over memory it does not own.
+    if device_capability() != 90:
+        pytest.skip("prefill_sm90 is sm_90a code: Hopper (compute capability 9.0) only")
+    case = make_paged_case([5], [5], 4, 4, 128, 64, torch.bfloat16, seed=1)
+    out = torch.empty_like(case.q)
+    kwargs = attention_kwargs(case, out, None, True)
+    kwargs["kv_num_blocks"] = 0
+    assert "kv_num_blocks" in _C.cuda_attention_unsupported_reason("prefill_sm90", **kwargs)

@@ -320,6 +320,7 @@ double CooperativeAttention::stream_part(const HostPart& part, const kc::Attenti
   host.lse = part_lse_.data<float>();
   host.k_cache = stage_k_.raw();
   host.v_cache = stage_v_.raw();
+  host.kv_num_blocks = count;
   host.block_table = indices + identity_table_;
   host.block_table_stride = count;
   host.cu_seqlens_q = indices + part.host_args;

@@ -450,6 +450,7 @@ class CudaBackend final : public Backend {
     kc::AttentionParams p = shape_params(shape, block_size, activation_);
     p.q = p.out = const_cast<char*>(dummy);
     p.k_cache = p.v_cache = dummy;
+    p.kv_num_blocks = 1;
     p.block_table = p.cu_seqlens_q = p.seqlens_kv = reinterpret_cast<const int32_t*>(dummy);
     p.block_table_stride = 1;
     p.batch = 1;
@@ -473,6 +474,7 @@ class CudaBackend final : public Backend {
     p.lse = lse ? lse->data<float>() : nullptr;
     p.k_cache = cache.k.raw();
     p.v_cache = cache.v.raw();
+    p.kv_num_blocks = static_cast<int32_t>(cache.k.dim(0));
     p.block_table = batch_.block_table;
     p.block_table_stride = batch_.block_table_stride;
     p.cu_seqlens_q = batch_.cu_seqlens_q;

@@ -73,6 +73,8 @@ kc::AttentionParams params_from(const py::kwargs& kw) {
   p.kv_token_stride = kw["kv_token_stride"].cast<int64_t>();
   p.kv_head_stride = kw["kv_head_stride"].cast<int64_t>();
   p.block_size = kw["block_size"].cast<int32_t>();
+  // Optional: only the Hopper member's TMA maps need the caches' extent.
+  p.kv_num_blocks = kw.contains("kv_num_blocks") ? kw["kv_num_blocks"].cast<int32_t>() : 0;
   p.block_table_stride = kw["block_table_stride"].cast<int32_t>();
   p.batch = kw["batch"].cast<int32_t>();
   p.max_seqlen_q = kw["max_seqlen_q"].cast<int32_t>();

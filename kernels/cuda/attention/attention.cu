@@ -37,6 +37,8 @@ std::string common_reason(const AttentionParams& p) {
 
 PrefillArch prefill_arch(AttentionKernel kernel) {
   switch (kernel) {
+    case AttentionKernel::kPrefillSm90:
+      return PrefillArch::kSm90;
     case AttentionKernel::kPrefillSm75:
       return PrefillArch::kSm75;
     case AttentionKernel::kPrefillSm70:
@@ -46,10 +48,12 @@ PrefillArch prefill_arch(AttentionKernel kernel) {
   }
 }
 
-// The first compute capability with the member's instructions: cp.async and bf16 mma (8.0),
-// ldmatrix and mma.m16n8k8 (7.5), mma.m8n8k4 (7.0).
+// The first compute capability with the member's instructions: wgmma and TMA (9.0), cp.async and
+// bf16 mma (8.0), ldmatrix and mma.m16n8k8 (7.5), mma.m8n8k4 (7.0).
 int minimum_capability(PrefillArch arch) {
   switch (arch) {
+    case PrefillArch::kSm90:
+      return 90;
     case PrefillArch::kSm80:
       return 80;
     case PrefillArch::kSm75:
@@ -66,6 +70,8 @@ const char* attention_kernel_name(AttentionKernel kernel) {
   switch (kernel) {
     case AttentionKernel::kAuto:
       return "auto";
+    case AttentionKernel::kPrefillSm90:
+      return "prefill_sm90";
     case AttentionKernel::kPrefillSm80:
       return "prefill_sm80";
     case AttentionKernel::kPrefillSm75:
@@ -81,8 +87,9 @@ const char* attention_kernel_name(AttentionKernel kernel) {
 AttentionKernel parse_attention_kernel(const std::string& name) {
   std::string names;
   for (AttentionKernel kernel :
-       {AttentionKernel::kAuto, AttentionKernel::kPrefillSm80, AttentionKernel::kPrefillSm75,
-        AttentionKernel::kPrefillSm70, AttentionKernel::kDecodeSplitKv}) {
+       {AttentionKernel::kAuto, AttentionKernel::kPrefillSm90, AttentionKernel::kPrefillSm80,
+        AttentionKernel::kPrefillSm75, AttentionKernel::kPrefillSm70,
+        AttentionKernel::kDecodeSplitKv}) {
     if (name == attention_kernel_name(kernel)) return kernel;
     names += names.empty() ? "" : ", ";
     names += attention_kernel_name(kernel);
@@ -98,7 +105,12 @@ AttentionKernel choose_attention_kernel(const AttentionParams& params, int compu
     return AttentionKernel::kDecodeSplitKv;
   }
   // Each GPU generation gets the member of its own instructions (those of later GPUs are not
-  // there; those of earlier ones run, slower).
+  // there; those of earlier ones run, slower). Hopper's wgmma is sm_90a only: later GPUs take
+  // the sm80 member, as does Hopper where the Hopper member cannot run these params.
+  if (compute_capability == 90 &&
+      prefill_unsupported_reason(params, PrefillArch::kSm90).empty()) {
+    return AttentionKernel::kPrefillSm90;
+  }
   if (compute_capability >= 80) return AttentionKernel::kPrefillSm80;
   if (compute_capability >= 75) return AttentionKernel::kPrefillSm75;
   return AttentionKernel::kPrefillSm70;
@@ -110,11 +122,17 @@ std::string attention_unsupported_reason(const AttentionParams& params, Attentio
   if (!common.empty()) return common;
   if (kernel == AttentionKernel::kAuto) kernel = choose_attention_kernel(params, compute_capability);
   switch (kernel) {
+    case AttentionKernel::kPrefillSm90:
     case AttentionKernel::kPrefillSm80:
     case AttentionKernel::kPrefillSm75:
     case AttentionKernel::kPrefillSm70: {
       const PrefillArch arch = prefill_arch(kernel);
       const int needed = minimum_capability(arch);
+      if (arch == PrefillArch::kSm90 && compute_capability != 90) {
+        return std::string(prefill_member_name(arch)) +
+               " needs compute capability 9.0 exactly (sm_90a code; this device: " +
+               std::to_string(compute_capability) + ")";
+      }
       if (compute_capability < needed) {
         return std::string(prefill_member_name(arch)) + " needs compute capability " +
                std::to_string(needed / 10) + "." + std::to_string(needed % 10) +
@@ -153,6 +171,7 @@ void run_attention(const AttentionParams& params, AttentionKernel kernel, void* 
   }
   if (params.batch == 0 || params.max_seqlen_q == 0) return;
   switch (kernel) {
+    case AttentionKernel::kPrefillSm90:
     case AttentionKernel::kPrefillSm80:
     case AttentionKernel::kPrefillSm75:
     case AttentionKernel::kPrefillSm70:

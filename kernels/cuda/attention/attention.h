@@ -13,6 +13,7 @@ namespace ftengine::kernels::cuda {
 
 enum class AttentionKernel : int {
   kAuto,           // the best member for these params on this device
+  kPrefillSm90,    // wgmma + TMA + mbarriers, warp-specialised (Hopper only: sm_90a)
   kPrefillSm80,    // mma.sync m16n8k16 + ldmatrix + cp.async (Ampere, Ada, Hopper)
   kPrefillSm75,    // mma.sync m16n8k8 + ldmatrix, fp16 only (Turing; runs on later GPUs too)
   kPrefillSm70,    // mma.sync m8n8k4, fp16 only (Volta; runs on later GPUs too)

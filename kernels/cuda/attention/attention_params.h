@@ -37,6 +37,9 @@ struct AttentionParams {
   int64_t kv_token_stride = 0;  // elements between consecutive slots of a block
   int64_t kv_head_stride = 0;   // elements between consecutive KV heads
   int32_t block_size = 0;       // slots per block
+  // Blocks in each cache: the extent of the Hopper member's TMA tensor maps (TMA checks its
+  // boxes against it). 0 when the caller does not know; that member then refuses.
+  int32_t kv_num_blocks = 0;
 
   // block_table[seq * block_table_stride + i] is the cache block holding tokens
   // [i * block_size, (i + 1) * block_size) of sequence seq.

@@ -1,5 +1,6 @@
 // The prefill members of the FastAttention CUDA family: prefill (fresh or chunked over the paged
 // cache), causal or not, GQA, variable lengths, head_dim 64 and 128, one body per fragment shape.
+//   sm90: wgmma + TMA + mbarriers, warp-specialised, fp16 / bf16 (Hopper, sm_90a builds).
 //   sm80: mma.sync m16n8k16 + ldmatrix + cp.async, fp16 / bf16 (Ampere, Ada, Hopper).
 //   sm75: mma.sync m16n8k8 + ldmatrix, register round-trip copies, fp16 (Turing).
 //   sm70: mma.sync m8n8k4, ld.shared fragments, register round-trip copies, fp16 (Volta).
@@ -15,7 +16,7 @@
 
 namespace ftengine::kernels::cuda {
 
-enum class PrefillArch : int { kSm80, kSm75, kSm70 };
+enum class PrefillArch : int { kSm90, kSm80, kSm75, kSm70 };
 
 const char* prefill_member_name(PrefillArch arch);  // "prefill_sm80", ...
 

@@ -10,6 +10,10 @@ HEAD_DIMS = [64, 128]
 # member -> {element name: traits template of (head_dim)}. Turing and Volta tensor cores have no
 # bf16, so their members are fp16 only.
 MEMBERS = {
+    "sm90": {
+        "fp16": "PrefillSm90Traits<__half, {head_dim}>",
+        "bf16": "PrefillSm90Traits<__nv_bfloat16, {head_dim}>",
+    },
     "sm80": {
         "fp16": "PrefillSm80Traits<__half, {head_dim}>",
         "bf16": "PrefillSm80Traits<__nv_bfloat16, {head_dim}>",

@@ -1,4 +1,4 @@
-// Launcher of the FastAttention prefill members (sm80, sm75, sm70). Included only by the instance
+// Launcher of the FastAttention prefill members (sm90, sm80, sm75, sm70). Included only by the instance
 // files (prefill_sm*_hdim*_*.cu, written by prefill_generate_instances.py), each of which
 // instantiates run_prefill_instance for one member's traits; the causal flag is a template
 // parameter of the kernel, chosen here.
@@ -8,6 +8,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cuda/attention/attention_params.h"
 #include "kernels/cuda/attention/prefill_sm70_kernel.h"
@@ -16,6 +17,8 @@
 #include "kernels/cuda/attention/prefill_sm80_kernel.h"
 #include "kernels/cuda/attention/prefill_static_switch.h"
 #include "kernels/cuda/attention/prefill_sm80_traits.h"
+#include "kernels/cuda/attention/prefill_sm90_kernel.h"
+#include "kernels/cuda/attention/prefill_sm90_traits.h"
 
 namespace ftengine::kernels::cuda {
 
@@ -42,6 +45,16 @@ inline void check_prefill_launch(cudaError_t error, const char* what) {
   }
 }
 
+// x: query tile of (token, head) rows, counted down in the kernel; y: KV head; z: sequence.
+// Sized from host-side bounds only, so a captured graph replays with new lengths.
+template <typename Traits>
+dim3 prefill_grid(const AttentionParams& params) {
+  const int64_t rows =
+      static_cast<int64_t>(params.max_seqlen_q) * (params.num_heads / params.num_kv_heads);
+  return dim3(static_cast<unsigned>((rows + Traits::kBlockM - 1) / Traits::kBlockM),
+              params.num_kv_heads, params.batch);
+}
+
 template <typename Traits, bool kCausal>
 void launch_prefill(const AttentionParams& params, cudaStream_t stream) {
   static_assert(Traits::kSharedBytes <= Traits::Arch::kMaxSharedBytes);
@@ -51,20 +64,35 @@ void launch_prefill(const AttentionParams& params, cudaStream_t stream) {
   check_prefill_launch(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             Traits::kSharedBytes),
                        "cudaFuncSetAttribute");
-  // x: query tile of (token, head) rows, counted down in the kernel; y: KV head; z: sequence.
-  // Sized from host-side bounds only, so a captured graph replays with new lengths.
-  const int64_t rows =
-      static_cast<int64_t>(params.max_seqlen_q) * (params.num_heads / params.num_kv_heads);
-  const dim3 grid(static_cast<unsigned>((rows + Traits::kBlockM - 1) / Traits::kBlockM),
-                  params.num_kv_heads, params.batch);
+  const dim3 grid = prefill_grid<Traits>(params);
   kernel<<<grid, Traits::kNumThreads, Traits::kSharedBytes, stream>>>(params);
+  check_prefill_launch(cudaGetLastError(), "kernel launch");
+}
+
+// The Hopper member takes the tensor maps of the two caches beside the params.
+template <typename Traits, bool kCausal>
+void launch_prefill_sm90(const AttentionParams& params, cudaStream_t stream) {
+  static_assert(Traits::kSharedBytes <= Traits::Arch::kMaxSharedBytes);
+  const CUtensorMap k_map = make_prefill_sm90_kv_map(params, params.k_cache, Traits::kTmaSlots);
+  const CUtensorMap v_map = make_prefill_sm90_kv_map(params, params.v_cache, Traits::kTmaSlots);
+  const auto kernel = &prefill_sm90_kernel<Traits, kCausal>;
+  check_prefill_launch(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            Traits::kSharedBytes),
+                       "cudaFuncSetAttribute");
+  const dim3 grid = prefill_grid<Traits>(params);
+  kernel<<<grid, Traits::kNumThreads, Traits::kSharedBytes, stream>>>(params, k_map, v_map);
   check_prefill_launch(cudaGetLastError(), "kernel launch");
 }
 
 template <typename Traits>
 void run_prefill_instance(const AttentionParams& params, cudaStream_t stream) {
-  PREFILL_BOOL_SWITCH(params.causal, kCausal,
-                           [&] { launch_prefill<Traits, kCausal>(params, stream); });
+  PREFILL_BOOL_SWITCH(params.causal, kCausal, [&] {
+    if constexpr (std::is_same_v<typename Traits::Arch, Sm90>) {
+      launch_prefill_sm90<Traits, kCausal>(params, stream);
+    } else {
+      launch_prefill<Traits, kCausal>(params, stream);
+    }
+  });
 }
 
 }  // namespace ftengine::kernels::cuda

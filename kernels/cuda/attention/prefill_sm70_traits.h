@@ -94,6 +94,7 @@ struct PrefillSm70Traits
 
   static constexpr int kNumWarps = 4;
   static constexpr int kNumThreads = kNumWarps * 32;
+  static constexpr int kLoadThreads = kNumThreads;  // every thread copies tiles
   static constexpr int kMinBlocksPerSm = 1;
   static constexpr bool kQInRegisters = PrefillSm70Traits::kHeadDim <= 64;
   static constexpr int kRowsPerWarp = PrefillSm70Traits::kBlockM / kNumWarps;

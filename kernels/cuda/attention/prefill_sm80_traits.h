@@ -111,6 +111,7 @@ struct PrefillMmaTraits : PrefillTileShape<Element_, kHeadDim_, /*kBlockM=*/128,
   static_assert(kBlockN_ % 32 == 0);
   static constexpr int kNumWarps = 4;
   static constexpr int kNumThreads = kNumWarps * 32;
+  static constexpr int kLoadThreads = kNumThreads;  // every thread copies tiles
   // 96 KB of shared memory (head_dim 128) and <= 255 registers a thread: two CTAs per SM, so
   // one CTA's softmax overlaps the other's matrix products.
   static constexpr int kMinBlocksPerSm = 2;

@@ -54,6 +54,9 @@ struct PrefillTileShape {
   static constexpr int kStages = kStages_;  // K and V tiles each kStages-buffered
 
   static constexpr int kChunksPerRow = kHeadDim / 8;
+  // Bytes between a row and the next at the same chunk (the Hopper member stores 64-column
+  // panels and overrides this and swizzle()).
+  static constexpr int kRowPitchBytes = kHeadDim * static_cast<int>(sizeof(Element));
   static __device__ __forceinline__ int swizzle(int row, int chunk) {
     return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
   }
@@ -144,11 +147,12 @@ struct PrefillTileLoader {
   static constexpr int kBlockM = Traits::kBlockM;
   static constexpr int kBlockN = Traits::kBlockN;
   static constexpr int kChunksPerRow = Traits::kChunksPerRow;
-  static constexpr int kRowsPerLoadPass = Traits::kNumThreads / kChunksPerRow;
+  // Traits::kLoadThreads threads copy (all of the CTA's, or the Hopper member's producers).
+  static constexpr int kRowsPerLoadPass = Traits::kLoadThreads / kChunksPerRow;
   // Passes step whole multiples of 8 rows, which keeps the swizzle: offset(row + 8k, chunk) =
   // offset(row, chunk) + 8k rows.
   static_assert(kRowsPerLoadPass % 8 == 0);
-  static constexpr uint32_t kPassBytes = kRowsPerLoadPass * Traits::kHeadDim * sizeof(Element);
+  static constexpr uint32_t kPassBytes = kRowsPerLoadPass * Traits::kRowPitchBytes;
 
   const AttentionParams& params;
   const Cta& cta;
