@@ -97,10 +97,14 @@ awk '/^\.text\..*:$/ { kernel = $0; kernels[++n] = kernel; count[kernel] = 0 }
        for (i = 1; i <= n; i++) {
          match(kernels[i], /ILi[0-9]+E/); head = substr(kernels[i], RSTART + 3, RLENGTH - 4)
          match(kernels[i], /Lb[01]E/); causal = substr(kernels[i], RSTART + 2, 1) == "1"
-         printf "  head_dim %3s %-10s %5d\n", head, causal ? "causal" : "not causal", count[kernels[i]]
+         printf "  head_dim %3s %-10s %5d\n", head, causal ? "causal" : "not causal",
+                count[kernels[i]]
          if (count[kernels[i]] == 0) missing++
        }
        if (n != 4 || missing) exit 1
-     }' "$SASS" || { echo "FAIL: not every one of the 4 sm_70 kernels has HMMA.884 in its SASS"; exit 1; }
+     }' "$SASS" || {
+  echo "FAIL: not every one of the 4 sm_70 kernels has HMMA.884 in its SASS"
+  exit 1
+}
 grep -m3 'HMMA\.884' "$SASS" | tr -s ' '
 echo "OK: the sm70 member runs mma.m8n8k4 on Volta's tensor cores (HMMA.884 in the sm_70 SASS)"

@@ -12,9 +12,10 @@
 // Each consumer warpgroup owns 64 of the 128 query rows: per tile, S = Q·Kᵀ with wgmma from
 // shared memory (m64n128k16), the online softmax of prefill_tiles.h on the accumulators (whose
 // layout per warp is mma.m16n8's), P rounded to the element type stays in registers as wgmma's A
-// operand, O += P·V with V read transposed from shared memory (m64nDk16); then the warpgroup
-// releases the stage on its "empty" mbarrier for the producer. The two consumer warpgroups run
-// independently, so one's softmax overlaps the other's matrix products.
+// operand, O += P·V with V read transposed from shared memory (m64nDk16), issued beside the next
+// tile's Q·Kᵀ so that the softmax of one tile overlaps the P·V of the previous; K and V stages
+// go back to the producer on "empty" mbarriers. The two consumer warpgroups run independently,
+// so one's softmax also overlaps the other's matrix products.
 //
 // Tiling-mask, row packing of the GQA group, the grid order and the epilogue are the other
 // members' (prefill_tiles.h).
@@ -90,7 +91,8 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
   Element* smem_k = smem_q + Traits::kQTileElements;
   Element* smem_v = smem_k + Traits::kStages * Traits::kKvTileElements;
   // [0]: Q and the first KV tile landed (cp.async); [1 + s], [3 + s]: K, V of stage s landed
-  // (TMA); [5 + s]: both consumer warpgroups are done with stage s.
+  // (TMA); [5 + s], [7 + s]: both consumer warpgroups are done with K, V of stage s. K and V are
+  // released apart: K after this tile's Q·Kᵀ, V only after its P·V, which runs a tile later.
   uint64_t* barriers = reinterpret_cast<uint64_t*>(shared_bytes + Traits::kBarrierOffset);
 
   PrefillCtaTiles<kBlockM, kBlockN, kCausal> cta(params);
@@ -107,13 +109,15 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
   const uint32_t prologue_full = Arch::shared_address(&barriers[0]);
   const auto k_full = [&](int stage) { return Arch::shared_address(&barriers[1 + stage]); };
   const auto v_full = [&](int stage) { return Arch::shared_address(&barriers[3 + stage]); };
-  const auto stage_empty = [&](int stage) { return Arch::shared_address(&barriers[5 + stage]); };
+  const auto k_empty = [&](int stage) { return Arch::shared_address(&barriers[5 + stage]); };
+  const auto v_empty = [&](int stage) { return Arch::shared_address(&barriers[7 + stage]); };
   if (tid == 0) {
     Arch::mbarrier_init(prologue_full, Traits::kLoadThreads);
     for (int stage = 0; stage < 2; ++stage) {
       Arch::mbarrier_init(k_full(stage), 1);
       Arch::mbarrier_init(v_full(stage), 1);
-      Arch::mbarrier_init(stage_empty(stage), Traits::kNumConsumerThreads);
+      Arch::mbarrier_init(k_empty(stage), Traits::kNumConsumerThreads);
+      Arch::mbarrier_init(v_empty(stage), Traits::kNumConsumerThreads);
     }
     Arch::fence_barrier_init();
   }
@@ -122,45 +126,52 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
   if (tid < 128) {
     // ---- producer warpgroup
     if (num_tiles > 0) {
+      const int32_t* block_table =
+          params.block_table + static_cast<int64_t>(cta.seq) * params.block_table_stride;
+      // K or V of walk position i (tile num_tiles - 1 - i) into stage i % 2 with TMA: the tile is
+      // kTmaSlots-row boxes, each inside one cache block, times the head_dim panels.
+      const auto load_tile = [&](const CUtensorMap* map, uint32_t smem, uint32_t full, int i) {
+        Arch::mbarrier_arrive_expect_tx(full, kStageBytes);
+        const int tile_key = (num_tiles - 1 - i) * kBlockN;
+#pragma unroll
+        for (int box = 0; box < kBlockN / Traits::kTmaSlots; ++box) {
+          const int key = tile_key + box * Traits::kTmaSlots;
+          const int block = block_table[key / params.block_size];
+          const int slot = key % params.block_size;
+          const uint32_t offset =
+              (i & 1) * kStageBytes + box * Traits::kTmaSlots * Traits::kRowPitchBytes;
+#pragma unroll
+          for (int panel = 0; panel < Traits::kPanels; ++panel) {
+            Arch::tma_load_4d(smem + offset + panel * kPanelBytes, map, full,
+                              panel * Traits::kPanelColumns, cta.kv_head, slot, block);
+          }
+        }
+      };
+
       PrefillTileLoader<Traits, decltype(cta)> loader(params, cta, tid);
       loader.load_q(smem_q);
       load_first_kv_tile<Traits>(params, cta, tid, smem_k_address, smem_v_address);
       Arch::cp_async_commit();
+      // The second tile's stage is free from the start: its copies need not wait for the first.
+      if (tid == 0 && num_tiles > 1) {
+        load_tile(k_map, smem_k_address, k_full(1), 1);
+        load_tile(v_map, smem_v_address, v_full(1), 1);
+      }
       // cp.async writes through the generic proxy; wgmma reads through the async proxy.
       Arch::template cp_async_wait<0>();
       Arch::fence_proxy_async();
       Arch::mbarrier_arrive(prologue_full);
       Arch::template warpgroup_registers_decrease<Traits::kProducerRegisters>();
       if (tid == 0) {
-        Arch::prefetch_tensor_map(k_map);
-        Arch::prefetch_tensor_map(v_map);
-        const int32_t* block_table =
-            params.block_table + static_cast<int64_t>(cta.seq) * params.block_table_stride;
-        // Tile i of the walk (tile num_tiles - 1 - i) goes to stage i % 2; the producer refills a
-        // stage once both consumers have released the tile two before. A tile is kTmaSlots-row
-        // boxes, each inside one cache block.
-        for (int i = 1; i < num_tiles; ++i) {
+        // A stage is refilled once both consumers have released what the tile two before left
+        // in it.
+        for (int i = 2; i < num_tiles; ++i) {
           const int stage = i & 1;
-          if (i >= 2) Arch::mbarrier_wait(stage_empty(stage), ((i - 2) >> 1) & 1);
-          Arch::mbarrier_arrive_expect_tx(k_full(stage), kStageBytes);
-          Arch::mbarrier_arrive_expect_tx(v_full(stage), kStageBytes);
-          const int tile_key = (num_tiles - 1 - i) * kBlockN;
-#pragma unroll
-          for (int box = 0; box < kBlockN / Traits::kTmaSlots; ++box) {
-            const int key = tile_key + box * Traits::kTmaSlots;
-            const int block = block_table[key / params.block_size];
-            const int slot = key % params.block_size;
-            const uint32_t offset =
-                stage * kStageBytes + box * Traits::kTmaSlots * Traits::kRowPitchBytes;
-#pragma unroll
-            for (int panel = 0; panel < Traits::kPanels; ++panel) {
-              const int column = panel * Traits::kPanelColumns;
-              Arch::tma_load_4d(smem_k_address + offset + panel * kPanelBytes, k_map,
-                                k_full(stage), column, cta.kv_head, slot, block);
-              Arch::tma_load_4d(smem_v_address + offset + panel * kPanelBytes, v_map,
-                                v_full(stage), column, cta.kv_head, slot, block);
-            }
-          }
+          const int phase = ((i - 2) >> 1) & 1;
+          Arch::mbarrier_wait(k_empty(stage), phase);
+          load_tile(k_map, smem_k_address, k_full(stage), i);
+          Arch::mbarrier_wait(v_empty(stage), phase);
+          load_tile(v_map, smem_v_address, v_full(stage), i);
         }
       }
     } else {
@@ -192,18 +203,56 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
     const uint32_t q_address = smem_q_address + warpgroup * 64 * Traits::kRowPitchBytes;
     Arch::mbarrier_wait(prologue_full, 0);
 
-    auto attend_tile = [&](int tile, auto masked_tag) {
+    // P of the previous tile, rounded to the element type: wgmma's A operand for its P·V.
+    uint32_t p[kPvSteps][4];
+
+    // O += P·V of walk position i, issued asynchronously (after wgmma_fence and V's arrival):
+    // V MN-major, k16 step kk is keys 16 kk.., 2 KB further; the head_dim panels are
+    // kPanelBytes apart (leading byte offset), groups of 8 keys 1 KB apart (stride).
+    const auto wait_v = [&](int i) {
+      if (i > 0) Arch::mbarrier_wait(v_full(i & 1), ((i - 1) >> 1) & 1);
+    };
+    const auto issue_pv = [&](int i) {
+      const uint32_t v_address = smem_v_address + (i & 1) * kStageBytes;
+#pragma unroll
+      for (int kk = 0; kk < kPvSteps; ++kk) {
+        Arch::template wgmma_rs<Element, kHeadDim>(
+            acc_o, p[kk],
+            Arch::smem_descriptor(v_address + kk * 16 * Traits::kRowPitchBytes, kPanelBytes,
+                                  1024));
+      }
+      Arch::wgmma_commit();
+    };
+    // Waits for the P·V of walk position i and hands its V stage back to the producer.
+    const auto finish_pv = [&](int i) {
+      Arch::template wgmma_wait<0>();
+      Arch::fence_registers(acc_o);
+      Arch::mbarrier_arrive(v_empty(i & 1));
+    };
+
+    // FlashAttention-3's intra-warpgroup overlap: per tile, Q·Kᵀ of this tile and P·V of the
+    // previous one are issued together, and this tile's softmax runs on the CUDA cores while
+    // the tensor cores finish the P·V. O is rescaled for this tile's max only once that P·V has
+    // landed.
+    // The walk's first tile has no P·V before it: a compile-time case, since a runtime branch
+    // around the wgmmas made ptxas serialise them.
+    auto attend_tile = [&](int tile, auto masked_tag, auto first_tag) {
       constexpr bool kMasked = decltype(masked_tag)::value;
+      constexpr bool kFirst = decltype(first_tag)::value;
       const int i = num_tiles - 1 - tile;  // position in the walk
       const int stage = i & 1;
-      const int phase = ((i - 1) >> 1) & 1;
       const uint32_t k_address = smem_k_address + stage * kStageBytes;
-      const uint32_t v_address = smem_v_address + stage * kStageBytes;
 
       // S = Q·Kᵀ: k16 step kk reads 32 bytes further along the rows of panel kk / 4.
-      if (i > 0) Arch::mbarrier_wait(k_full(stage), phase);
+      // Nothing but wgmma may write the accumulators between the first wgmma and the wait
+      // (ptxas would serialise them): both operand sets are fenced before either batch.
+      if constexpr (!kFirst) {
+        Arch::mbarrier_wait(k_full(stage), ((i - 1) >> 1) & 1);
+        wait_v(i - 1);
+      }
       float acc_s[kBlockN / 2];
       Arch::fence_registers(acc_s);
+      Arch::fence_registers(acc_o);
       Arch::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kQkSteps; ++kk) {
@@ -213,8 +262,14 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
             Arch::smem_descriptor(k_address + offset, 16, 1024), kk > 0 ? 1 : 0);
       }
       Arch::wgmma_commit();
-      Arch::template wgmma_wait<0>();
+      if constexpr (kFirst) {
+        Arch::template wgmma_wait<0>();
+      } else {
+        issue_pv(i - 1);
+        Arch::template wgmma_wait<1>();  // Q·Kᵀ done; the P·V may still run
+      }
       Arch::fence_registers(acc_s);
+      Arch::mbarrier_arrive(k_empty(stage));
 
       if constexpr (kMasked) {
         const int key0 = tile * kBlockN + quad_col * 2;
@@ -254,15 +309,12 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
         tile_max[half] = m * scale_log2;
         rescale |= tile_max[half] > row_max[half] + kPrefillRescaleThreshold;
       }
-      if (__any_sync(0xffffffffu, rescale)) {
+      rescale = __any_sync(0xffffffffu, rescale);
+      float correction[2] = {1.f, 1.f};
+      if (rescale) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const float correction = raise_row_max(row_max[half], row_sum[half], tile_max[half]);
-#pragma unroll
-          for (int dj = 0; dj < kDTiles; ++dj) {
-            acc_o[dj * 4 + 2 * half] *= correction;
-            acc_o[dj * 4 + 2 * half + 1] *= correction;
-          }
+          correction[half] = raise_row_max(row_max[half], row_sum[half], tile_max[half]);
         }
       }
 #pragma unroll
@@ -285,9 +337,20 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
         row_sum[half] += tree_sum(partial);
       }
 
+      if constexpr (!kFirst) finish_pv(i - 1);  // before O is rescaled and P overwritten
+      if (rescale) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+#pragma unroll
+          for (int dj = 0; dj < kDTiles; ++dj) {
+            acc_o[dj * 4 + 2 * half] *= correction[half];
+            acc_o[dj * 4 + 2 * half + 1] *= correction[half];
+          }
+        }
+      }
+
       // P as wgmma's A operand: the accumulator layout of column groups 2kk and 2kk + 1 is the
       // A layout of k16 step kk.
-      uint32_t p[kPvSteps][4];
 #pragma unroll
       for (int kk = 0; kk < kPvSteps; ++kk) {
         const float* s0 = &acc_s[(2 * kk) * 4];
@@ -297,26 +360,24 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
         p[kk][2] = Arch::template pack_pair<Element>(s1[0], s1[1]);
         p[kk][3] = Arch::template pack_pair<Element>(s1[2], s1[3]);
       }
-
-      // O += P·V: V MN-major, k16 step kk is keys 16 kk.., 2 KB further; the head_dim panels
-      // are kPanelBytes apart (leading byte offset), groups of 8 keys 1 KB apart (stride).
-      if (i > 0) Arch::mbarrier_wait(v_full(stage), phase);
-      Arch::fence_registers(acc_o);
-      Arch::wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kPvSteps; ++kk) {
-        Arch::template wgmma_rs<Element, kHeadDim>(
-            acc_o, p[kk],
-            Arch::smem_descriptor(v_address + kk * 16 * Traits::kRowPitchBytes, kPanelBytes,
-                                  1024));
-      }
-      Arch::wgmma_commit();
-      Arch::template wgmma_wait<0>();
-      Arch::fence_registers(acc_o);
-      Arch::mbarrier_arrive(stage_empty(stage));
     };
 
-    cta.for_each_kv_tile_backwards(attend_tile);
+    // From the last visible tile down: partial tiles (masked) first, then full ones.
+    int tile = num_tiles - 1;
+    if (tile >= cta.num_full_tiles) {
+      attend_tile(tile, std::true_type{}, std::true_type{});
+    } else {
+      attend_tile(tile, std::false_type{}, std::true_type{});
+    }
+    for (--tile; tile >= cta.num_full_tiles; --tile) {
+      attend_tile(tile, std::true_type{}, std::false_type{});
+    }
+    for (; tile >= 0; --tile) attend_tile(tile, std::false_type{}, std::false_type{});
+    wait_v(num_tiles - 1);
+    Arch::fence_registers(acc_o);
+    Arch::wgmma_fence();
+    issue_pv(num_tiles - 1);
+    finish_pv(num_tiles - 1);
   }
 
   // ---- epilogue: normalise, stage the warpgroup's rows of O in its own rows of the Q tile (its

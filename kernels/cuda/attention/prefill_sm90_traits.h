@@ -214,7 +214,7 @@ struct PrefillSm90Traits : PrefillTileShape<Element_, kHeadDim_, /*kBlockM=*/128
   // The mbarriers live after the tiles, in the dynamic shared memory: with no static shared
   // memory the tiles start at the window's base, 1 KB aligned.
   static constexpr int kBarrierOffset = Shape::kSharedBytes;
-  static constexpr int kNumBarriers = 7;
+  static constexpr int kNumBarriers = 9;
   static constexpr int kSharedBytes = Shape::kSharedBytes + kNumBarriers * 8;
   static_assert(std::is_same_v<Element_, __half> || std::is_same_v<Element_, __nv_bfloat16>);
   static constexpr bool kM8n8k4 = false;
