@@ -253,6 +253,9 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
       float acc_s[kBlockN / 2];
       Arch::fence_registers(acc_s);
       Arch::fence_registers(acc_o);
+      if constexpr (Traits::kAlternateWarpgroups) {
+        Arch::named_barrier_sync(Traits::kSchedulerBarrier + warpgroup, 256);  // our turn
+      }
       Arch::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kQkSteps; ++kk) {
@@ -262,10 +265,15 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
             Arch::smem_descriptor(k_address + offset, 16, 1024), kk > 0 ? 1 : 0);
       }
       Arch::wgmma_commit();
+      if constexpr (!kFirst) issue_pv(i - 1);
+      // The other consumer's turn; the second one's last turn is nobody's cue (a named barrier
+      // must not be left with arrivals when the CTA exits).
+      if (Traits::kAlternateWarpgroups && (warpgroup == 0 || i + 1 < num_tiles)) {
+        Arch::named_barrier_arrive(Traits::kSchedulerBarrier + 1 - warpgroup, 256);
+      }
       if constexpr (kFirst) {
         Arch::template wgmma_wait<0>();
       } else {
-        issue_pv(i - 1);
         Arch::template wgmma_wait<1>();  // Q·Kᵀ done; the P·V may still run
       }
       Arch::fence_registers(acc_s);
@@ -362,6 +370,10 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
       }
     };
 
+    // The first consumer takes the first turn.
+    if (Traits::kAlternateWarpgroups && warpgroup == 0) {
+      Arch::named_barrier_arrive(Traits::kSchedulerBarrier, 256);
+    }
     // From the last visible tile down: partial tiles (masked) first, then full ones.
     int tile = num_tiles - 1;
     if (tile >= cta.num_full_tiles) {

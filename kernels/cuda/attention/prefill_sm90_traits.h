@@ -120,9 +120,13 @@ struct Sm90 : Sm80 {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
   }
 
-  // Named barrier of `threads` threads (one warpgroup: 128); id 0 is __syncthreads'.
+  // Named barrier of `threads` threads (one warpgroup: 128); id 0 is __syncthreads'. arrive
+  // counts this thread without waiting.
   static __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+  }
+  static __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
   }
 
   // ---- wgmma
@@ -226,6 +230,11 @@ struct PrefillSm90Traits : PrefillTileShape<Element_, kHeadDim_, /*kBlockM=*/128
   // setmaxnreg budgets: 128 x 40 + 256 x 232 = 64512 of the SM's 65536 registers.
   static constexpr int kProducerRegisters = 40;
   static constexpr int kConsumerRegisters = 232;
+  // Named barriers: 1 + w for consumer warpgroup w's epilogue; kSchedulerBarrier + w orders the
+  // matrix products of the two consumers (FlashAttention-3's ping-pong): they take turns
+  // issuing, so one's softmax runs while the other's wgmmas have the tensor cores.
+  static constexpr int kSchedulerBarrier = 3;
+  static constexpr bool kAlternateWarpgroups = true;
 
   // The loader of prefill_tiles.h runs in the producer warpgroup only.
   static constexpr int kLoadThreads = 128;
