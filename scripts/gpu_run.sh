@@ -5,7 +5,7 @@
 #
 # The GPU machine has nvcc, torch and transformers but no network: the wheels it lacks travel in
 # .whl/ (scipy-openblas32 for the CPU backend, gguf), see docs/GPU.md.
-# GPU_STAGES picks stages (default "build test sanitize bench"); GPU_TESTS the test files
+# GPU_STAGES picks stages (default "build test sanitize bench ncu"); GPU_TESTS the test files
 # (default every tests/test_*cuda*.py); GPU_PYTEST_ARGS extra pytest arguments (split on
 # spaces); GPU_BENCH the benchmark size (quick|full, default full); GPU_BENCHES which
 # benchmarks run (see the bench stage).
@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-STAGES="${GPU_STAGES:-build test sanitize bench}"
+STAGES="${GPU_STAGES:-build test sanitize bench ncu}"
 PYTHON="${PYTHON:-python3}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
@@ -89,5 +89,12 @@ if [[ " $STAGES " == *" bench "* ]]; then
       tee -a "$OUT/bench.log" | tail -n 40
     [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
   done
+fi
+
+if [[ " $STAGES " == *" ncu "* ]]; then
+  # Hardware counters: shared-memory bank conflicts of the Volta member, swizzled vs row-major.
+  echo "== ncu"
+  OUT="$OUT" bash scripts/ncu_sm70_layout.sh 2>&1 | tail -n 12
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 fi
 exit $status
