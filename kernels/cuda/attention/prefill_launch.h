@@ -6,7 +6,6 @@
 
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -80,14 +79,7 @@ void launch_prefill_sm90(const AttentionParams& params, cudaStream_t stream) {
   check_prefill_launch(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             Traits::kSharedBytes),
                        "cudaFuncSetAttribute");
-  // Persistent: one CTA per SM (at most one per work item), each walking items in grid order.
-  const dim3 items = prefill_grid<Traits>(params);
-  const int64_t num_items = static_cast<int64_t>(items.x) * items.y * items.z;
-  int device = 0, sms = 0;
-  check_prefill_launch(cudaGetDevice(&device), "cudaGetDevice");
-  check_prefill_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-                       "cudaDeviceGetAttribute");
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(num_items, sms)));
+  const dim3 grid = prefill_grid<Traits>(params);
   kernel<<<grid, Traits::kNumThreads, Traits::kSharedBytes, stream>>>(params, k_map, v_map);
   check_prefill_launch(cudaGetLastError(), "kernel launch");
 }

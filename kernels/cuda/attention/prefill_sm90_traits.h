@@ -202,9 +202,9 @@ struct Sm90 : Sm80 {
 #undef FTENGINE_WGMMA_D32
 
 // Tiles of the Hopper member, after FlashAttention-3's for head_dim 64 / 128: 128 query rows x
-// 128 keys, three warpgroups: one producer (TMA, and cp.async for Q and tiles that cross a
-// sequence's end) and two consumers of 64 rows each (wgmma's M). K and V double-buffered, plus
-// the epilogue's O tile: 192 KB of shared memory at head_dim 128, one persistent CTA per SM.
+// 128 keys, three warpgroups: one producer (TMA, and the prologue's cp.async) and two consumers of
+// 64 rows each (wgmma's M). K and V double-buffered: 160 KB of shared memory at head_dim 128, one
+// CTA per SM.
 //
 // Shared-memory tiles are stored in 64-column panels, [panel][row][64], the 16-byte chunks of a
 // row XOR-ed with row % 8: wgmma's canonical 128-byte-swizzled K-major layout (rows 128 bytes
@@ -215,13 +215,11 @@ struct PrefillSm90Traits : PrefillTileShape<Element_, kHeadDim_, /*kBlockM=*/128
                                             /*kStages=*/2> {
   using Shape = PrefillTileShape<Element_, kHeadDim_, 128, 128, 2>;
   using Arch = Sm90;
-  // After Q, K and V: an O tile the epilogue stages rows in (the persistent CTA's producer is
-  // already loading the next item's Q), then the mbarriers. With no static shared memory the
-  // tiles start at the window's base, 1 KB aligned.
-  static constexpr int kBarrierOffset =
-      Shape::kSharedBytes + Shape::kQTileElements * static_cast<int>(sizeof(Element_));
-  static constexpr int kNumBarriers = 10;
-  static constexpr int kSharedBytes = kBarrierOffset + kNumBarriers * 8;
+  // The mbarriers live after the tiles, in the dynamic shared memory: with no static shared
+  // memory the tiles start at the window's base, 1 KB aligned.
+  static constexpr int kBarrierOffset = Shape::kSharedBytes;
+  static constexpr int kNumBarriers = 9;
+  static constexpr int kSharedBytes = Shape::kSharedBytes + kNumBarriers * 8;
   static_assert(std::is_same_v<Element_, __half> || std::is_same_v<Element_, __nv_bfloat16>);
   static constexpr bool kM8n8k4 = false;
 
@@ -229,13 +227,14 @@ struct PrefillSm90Traits : PrefillTileShape<Element_, kHeadDim_, /*kBlockM=*/128
   static constexpr int kNumConsumerThreads = 128 * kNumConsumerWarpgroups;
   static constexpr int kNumThreads = 128 + kNumConsumerThreads;
   static constexpr int kMinBlocksPerSm = 1;
-  // setmaxnreg budgets: 128 x 56 + 256 x 224 = 64512 of the SM's 65536 registers.
-  static constexpr int kProducerRegisters = 56;
-  static constexpr int kConsumerRegisters = 224;
-  // Named barriers: 1 + w for consumer warpgroup w's epilogue; kSchedulerBarrier + w opens
-  // consumer w's turn at the tensor cores; kProducerBarrier for the producer warpgroup.
+  // setmaxnreg budgets: 128 x 40 + 256 x 232 = 64512 of the SM's 65536 registers.
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = 232;
+  // Named barriers: 1 + w for consumer warpgroup w's epilogue; kSchedulerBarrier + w orders the
+  // matrix products of the two consumers (FlashAttention-3's ping-pong): they take turns
+  // issuing, so one's softmax runs while the other's wgmmas have the tensor cores.
   static constexpr int kSchedulerBarrier = 3;
-  static constexpr int kProducerBarrier = 5;
+  static constexpr bool kAlternateWarpgroups = true;
 
   // The loader of prefill_tiles.h runs in the producer warpgroup only.
   static constexpr int kLoadThreads = 128;

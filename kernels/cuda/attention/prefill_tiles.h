@@ -94,16 +94,10 @@ struct PrefillCtaTiles {
   // at 76% of DRAM bandwidth, FlashAttention-2 at 5%. Within a (sequence, KV head) the longest
   // tiles go first: blockIdx.x counts down from the last query tile, which has the most visible
   // keys under a causal mask, so the short tiles fill the tail of the grid.
-  __device__ __forceinline__ explicit PrefillCtaTiles(const AttentionParams& params)
-      : PrefillCtaTiles(params, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x) {}
-
-  // Query tile `x` of `num_x` (counted down, as blockIdx.x is), of one KV head and sequence: the
-  // work item of a persistent CTA (the Hopper member walks items in grid order).
-  __device__ __forceinline__ PrefillCtaTiles(const AttentionParams& params, int x, int kv_head_,
-                                             int seq_, int num_x) {
-    const int m_block = num_x - 1 - x;
-    kv_head = kv_head_;
-    seq = seq_;
+  __device__ __forceinline__ explicit PrefillCtaTiles(const AttentionParams& params) {
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    kv_head = blockIdx.y;
+    seq = blockIdx.z;
     group = params.num_heads / params.num_kv_heads;
     q_start = params.cu_seqlens_q[seq];
     q_len = params.cu_seqlens_q[seq + 1] - q_start;
