@@ -106,8 +106,12 @@ AttentionKernel choose_attention_kernel(const AttentionParams& params, int compu
   }
   // Each GPU generation gets the member of its own instructions (those of later GPUs are not
   // there; those of earlier ones run, slower). Hopper's wgmma is sm_90a only: later GPUs take
-  // the sm80 member, as does Hopper where the Hopper member cannot run these params.
-  if (compute_capability == 90 &&
+  // the sm80 member, as does Hopper where the Hopper member cannot run these params, and for
+  // short contexts: measured on the H200 (docs/PERFORMANCE.md), the Hopper member leads from 1K
+  // keys at head_dim 128 and from 2K at 64; below, its fixed cost per CTA (three warpgroups,
+  // barrier set-up, one CTA an SM) loses to the sm80 member's two CTAs an SM.
+  const int hopper_from_keys = params.head_dim == 64 ? 2048 : 1024;
+  if (compute_capability == 90 && params.max_seqlen_kv >= hopper_from_keys &&
       prefill_unsupported_reason(params, PrefillArch::kSm90).empty()) {
     return AttentionKernel::kPrefillSm90;
   }
