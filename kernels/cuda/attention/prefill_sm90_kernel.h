@@ -2,12 +2,12 @@
 // of the other members, with FlashAttention-3's machinery.
 //
 // Warp specialisation: warpgroup 0 produces, warpgroups 1 and 2 consume. The producer copies Q
-// with cp.async (its rows pack the GQA group); one thread issues the KV tiles as TMA bulk tensor
-// copies straight out of the paged cache (a 4-D tensor map over [block][slot][kv_head][dim],
-// boxes of 64 slots: cache blocks of any multiple of 64), each completing on its stage's "full"
-// mbarrier, except a first tile that crosses the sequence's end, which the warpgroup copies with
-// cp.async, zero-filling the rows past it. The producer warpgroup gives its registers to the
-// consumers (setmaxnreg).
+// and the CTA's first KV tile (the last visible one, which may cross the sequence's end and so is
+// zero-filled row by row) with cp.async, then hands the rest of the tiles to one thread that
+// issues TMA bulk tensor copies straight out of the paged cache (a 4-D tensor map over
+// [block][slot][kv_head][dim], boxes of 64 slots: cache blocks of any multiple of 64), each
+// completing on the stage's "full" mbarrier. The producer
+// warpgroup gives its registers to the consumers (setmaxnreg).
 //
 // Each consumer warpgroup owns 64 of the 128 query rows: per tile, S = Q·Kᵀ with wgmma from
 // shared memory (m64n128k16), the online softmax of prefill_tiles.h on the accumulators (whose
@@ -34,8 +34,8 @@
 
 namespace ftengine::kernels::cuda {
 
-// The walk's first KV tile (the last visible one) into stage 0 when it crosses the sequence's
-// end, by the producer warpgroup's 128 threads with cp.async: its rows past kv_len are
+// The walk's first KV tile (the last visible one) into stage 0, by the producer warpgroup's 128
+// threads with cp.async: the tile may cross the sequence's end, and its rows past kv_len are
 // zero-filled (the slots may hold NaN; 0 x NaN would reach O through P·V), which TMA cannot do
 // short of the tensor's bounds. Rows are looked up one by one, so a tile may span cache blocks.
 template <typename Traits, typename Cta>
@@ -90,10 +90,9 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
   Element* smem_q = reinterpret_cast<Element*>(shared_bytes);
   Element* smem_k = smem_q + Traits::kQTileElements;
   Element* smem_v = smem_k + Traits::kStages * Traits::kKvTileElements;
-  // [0]: Q landed; [1 + s], [3 + s]: K, V of stage s landed (tile i: stage i % 2, phase
-  // (i / 2) % 2, by TMA or, for a first tile crossing the sequence's end, cp.async); [5 + s],
-  // [7 + s]: both consumer warpgroups are done with K, V of stage s. K and V are released
-  // apart: K after this tile's Q·Kᵀ, V only after its P·V, which runs a tile later.
+  // [0]: Q and the first KV tile landed (cp.async); [1 + s], [3 + s]: K, V of stage s landed
+  // (TMA); [5 + s], [7 + s]: both consumer warpgroups are done with K, V of stage s. K and V are
+  // released apart: K after this tile's Q·Kᵀ, V only after its P·V, which runs a tile later.
   uint64_t* barriers = reinterpret_cast<uint64_t*>(shared_bytes + Traits::kBarrierOffset);
 
   PrefillCtaTiles<kBlockM, kBlockN, kCausal> cta(params);
@@ -107,13 +106,13 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
   if (smem_q_address % 1024 != 0) __trap();
   const uint32_t smem_k_address = Arch::shared_address(smem_k);
   const uint32_t smem_v_address = Arch::shared_address(smem_v);
-  const uint32_t q_full = Arch::shared_address(&barriers[0]);
+  const uint32_t prologue_full = Arch::shared_address(&barriers[0]);
   const auto k_full = [&](int stage) { return Arch::shared_address(&barriers[1 + stage]); };
   const auto v_full = [&](int stage) { return Arch::shared_address(&barriers[3 + stage]); };
   const auto k_empty = [&](int stage) { return Arch::shared_address(&barriers[5 + stage]); };
   const auto v_empty = [&](int stage) { return Arch::shared_address(&barriers[7 + stage]); };
   if (tid == 0) {
-    Arch::mbarrier_init(q_full, 1);
+    Arch::mbarrier_init(prologue_full, Traits::kLoadThreads);
     for (int stage = 0; stage < 2; ++stage) {
       Arch::mbarrier_init(k_full(stage), 1);
       Arch::mbarrier_init(v_full(stage), 1);
@@ -149,38 +148,19 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
         }
       };
 
-      // Q with cp.async (its rows pack the GQA group); the walk's first tile with cp.async too
-      // when it crosses the sequence's end (rows past kv_len zero-filled), else by TMA like the
-      // rest; the second tile's stage is free from the start, so its copies go out at once.
       PrefillTileLoader<Traits, decltype(cta)> loader(params, cta, tid);
       loader.load_q(smem_q);
-      const bool crosses_end = num_tiles * kBlockN > cta.kv_len;
-      if (crosses_end) {
-        load_first_kv_tile<Traits>(params, cta, tid, smem_k_address, smem_v_address);
-      }
+      load_first_kv_tile<Traits>(params, cta, tid, smem_k_address, smem_v_address);
       Arch::cp_async_commit();
-      if (tid == 0) {
-        if (!crosses_end) {
-          load_tile(k_map, smem_k_address, k_full(0), 0);
-          load_tile(v_map, smem_v_address, v_full(0), 0);
-        }
-        if (num_tiles > 1) {
-          load_tile(k_map, smem_k_address, k_full(1), 1);
-          load_tile(v_map, smem_v_address, v_full(1), 1);
-        }
+      // The second tile's stage is free from the start: its copies need not wait for the first.
+      if (tid == 0 && num_tiles > 1) {
+        load_tile(k_map, smem_k_address, k_full(1), 1);
+        load_tile(v_map, smem_v_address, v_full(1), 1);
       }
-      // cp.async writes through the generic proxy; wgmma reads through the async proxy. Once
-      // every producer thread's copies have landed, one arrival announces them.
+      // cp.async writes through the generic proxy; wgmma reads through the async proxy.
       Arch::template cp_async_wait<0>();
       Arch::fence_proxy_async();
-      Arch::named_barrier_sync(Traits::kProducerBarrier, 128);
-      if (tid == 0) {
-        Arch::mbarrier_arrive(q_full);
-        if (crosses_end) {
-          Arch::mbarrier_arrive(k_full(0));
-          Arch::mbarrier_arrive(v_full(0));
-        }
-      }
+      Arch::mbarrier_arrive(prologue_full);
       Arch::template warpgroup_registers_decrease<Traits::kProducerRegisters>();
       if (tid == 0) {
         // A stage is refilled once both consumers have released what the tile two before left
@@ -221,7 +201,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
   if (num_tiles > 0) {
     // Q rows of this warpgroup; K and V panels of a stage start at the stage's base.
     const uint32_t q_address = smem_q_address + warpgroup * 64 * Traits::kRowPitchBytes;
-    Arch::mbarrier_wait(q_full, 0);
+    Arch::mbarrier_wait(prologue_full, 0);
 
     // P of the previous tile, rounded to the element type: wgmma's A operand for its P·V.
     uint32_t p[kPvSteps][4];
@@ -230,7 +210,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
     // V MN-major, k16 step kk is keys 16 kk.., 2 KB further; the head_dim panels are
     // kPanelBytes apart (leading byte offset), groups of 8 keys 1 KB apart (stride).
     const auto wait_v = [&](int i) {
-      Arch::mbarrier_wait(v_full(i & 1), (i >> 1) & 1);
+      if (i > 0) Arch::mbarrier_wait(v_full(i & 1), ((i - 1) >> 1) & 1);
     };
     const auto issue_pv = [&](int i) {
       const uint32_t v_address = smem_v_address + (i & 1) * kStageBytes;
@@ -266,8 +246,10 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
       // S = Q·Kᵀ: k16 step kk reads 32 bytes further along the rows of panel kk / 4.
       // Nothing but wgmma may write the accumulators between the first wgmma and the wait
       // (ptxas would serialise them): both operand sets are fenced before either batch.
-      Arch::mbarrier_wait(k_full(stage), (i >> 1) & 1);
-      if constexpr (!kFirst) wait_v(i - 1);
+      if constexpr (!kFirst) {
+        Arch::mbarrier_wait(k_full(stage), ((i - 1) >> 1) & 1);
+        wait_v(i - 1);
+      }
       float acc_s[kBlockN / 2];
       Arch::fence_registers(acc_s);
       Arch::fence_registers(acc_o);
