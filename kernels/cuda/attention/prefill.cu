@@ -74,6 +74,14 @@ std::string prefill_unsupported_reason(const AttentionParams& p, PrefillArch arc
     return name + " is not in this build (FTENGINE_CUDA_ARCHITECTURES has no 90a)";
 #endif
     if (p.kv_num_blocks <= 0) return name + " needs kv_num_blocks (the extent of its TMA maps)";
+    // What cuTensorMapEncodeTiled asks of the cache's strides beyond the multiples of 16 bytes
+    // checked below: positive and under 2^40 bytes. Refused here, dispatch falls back to sm80
+    // instead of failing at launch.
+    for (const int64_t stride : {p.kv_head_stride, p.kv_token_stride, p.kv_block_stride}) {
+      if (stride <= 0 || stride >= (int64_t{1} << 39)) {
+        return name + " needs positive KV cache strides under 2^40 bytes (its TMA maps)";
+      }
+    }
   }
   if (arch == PrefillArch::kSm80 || arch == PrefillArch::kSm90) {
     if (p.dtype != ElementType::kFloat16 && p.dtype != ElementType::kBFloat16) {
@@ -160,12 +168,19 @@ CUtensorMap make_prefill_sm90_kv_map(const AttentionParams& params, const void* 
   // The driver's encoder, looked up once through the runtime: no link against libcuda.
   static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* function = nullptr;
+#if CUDART_VERSION >= 12050
     cudaDriverEntryPointQueryResult found{};
     if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000,
                                          cudaEnableDefault, &found) != cudaSuccess ||
         found != cudaDriverEntryPointSuccess) {
       function = nullptr;
     }
+#else  // CUDA 12.0-12.4 (the Volta builds) have only the unversioned lookup
+    if (cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &function, cudaEnableDefault) !=
+        cudaSuccess) {
+      function = nullptr;
+    }
+#endif
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
   }();
   if (encode == nullptr) {

@@ -44,7 +44,9 @@ namespace ftengine::kernels::cuda {
       : FTENGINE_WGMMA_ACC64                                                               \
       : "l"(desc_a), "l"(desc_b), "r"(scale_d))
 // d += A·B for one warpgroup, A from registers (the mma.m16n8k16 A layout, per warp 16 rows), B
-// from shared memory MN-major (transposed): O += P·V with V stored [key][dim].
+// from shared memory MN-major (transposed): O += P·V with V stored [key][dim]. The trailing
+// "1, 1, 1, 1" are scale-d (accumulate: ptxas emits HGMMA ... R24 with it, "RZ, !UPT" for 0),
+// scale-a, scale-b and trans-b.
 #define FTENGINE_WGMMA_RS(N, TYPE, D_LIST, ACC, A_LIST, DESC)                         \
   asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " " D_LIST \
                ", " A_LIST ", " DESC ", 1, 1, 1, 1;\n"                                   \
@@ -104,10 +106,6 @@ struct Sm90 : Sm80 {
         "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(barrier), "r"(c0), "r"(c1), "r"(c2),
         "r"(c3)
         : "memory");
-  }
-  static __device__ __forceinline__ void prefetch_tensor_map(const void* tensor_map) {
-    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tensor_map))
-                 : "memory");
   }
 
   // ---- register budget of a warpgroup (the producer gives registers to the consumers)
@@ -230,6 +228,11 @@ struct PrefillSm90Traits : PrefillTileShape<Element_, kHeadDim_, /*kBlockM=*/128
   // setmaxnreg budgets: 128 x 40 + 256 x 232 = 64512 of the SM's 65536 registers.
   static constexpr int kProducerRegisters = 40;
   static constexpr int kConsumerRegisters = 232;
+  // ptxas gives each of the 384 threads 168 registers at launch (65536 / 384, rounded down to a
+  // multiple of 8); the consumers' setmaxnreg.inc retries until the producer has given its
+  // share back, so budgets beyond the launch pool would hang every CTA.
+  static_assert(128 * kProducerRegisters + kNumConsumerThreads * kConsumerRegisters <=
+                (65536 / kNumThreads / 8 * 8) * kNumThreads);
   // Named barriers: 1 + w for consumer warpgroup w's epilogue; kSchedulerBarrier + w orders the
   // matrix products of the two consumers (FlashAttention-3's ping-pong): they take turns
   // issuing, so one's softmax runs while the other's wgmmas have the tensor cores.
