@@ -3,14 +3,13 @@ to real sm_70 machine code with NVRTC 12.9 and checks the cubin: CUDA 13, which 
 no longer targets sm_70. Run by scripts/check_sm70_build.sh with the NVRTC wheel's library path.
 
 Checks: NVRTC compiles both head dims and both causal variants for compute_70 to a cubin
-(nvrtcGetCUBIN); the cubin is an ELF whose e_flags name sm_70; its kernels are there; and, when
-a disassembler that reads sm_70 is given (--nvdisasm, e.g. CUDA 11.8's), HMMA.884 is in the SASS.
+(nvrtcGetCUBIN); the cubin is an ELF whose e_flags name sm_70; its kernels are there. The shell
+script then disassembles the cubin it leaves in --out and requires HMMA.884.
 """
 
 import argparse
 import ctypes
 import struct
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -90,7 +89,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--libnvrtc", required=True)
     parser.add_argument("--cuda-include", required=True, help="cuda_fp16.h's folder")
-    parser.add_argument("--nvdisasm", help="a disassembler that reads sm_70 (CUDA <= 12)")
     parser.add_argument("--out", default=None, help="where to keep the cubin")
     args = parser.parse_args()
     nvrtc = ctypes.CDLL(args.libnvrtc)
@@ -114,17 +112,6 @@ def main() -> int:
         return 1
     path = Path(args.out or tempfile.mkdtemp()) / "prefill_sm70.cubin"
     path.write_bytes(cubin)
-    if args.nvdisasm:
-        sass = subprocess.run([args.nvdisasm, str(path)], capture_output=True, text=True)
-        if sass.returncode != 0:
-            print(f"nvdisasm could not read the sm_70 cubin: {sass.stderr.strip()[:300]}")
-        else:
-            hmma = [line for line in sass.stdout.splitlines() if "HMMA.884" in line]
-            first = hmma[0].strip() if hmma else "-"
-            print(f"SASS: {len(hmma)} HMMA.884 instructions; first: {first}")
-            if not hmma:
-                print("FAIL: no HMMA.884 in the sm_70 SASS")
-                return 1
     print(f"OK: the sm70 member compiles to sm_70 machine code ({path})")
     return 0
 

@@ -14,8 +14,9 @@
 // layout per warp is mma.m16n8's), P rounded to the element type stays in registers as wgmma's A
 // operand, O += P·V with V read transposed from shared memory (m64nDk16), issued beside the next
 // tile's Q·Kᵀ so that the softmax of one tile overlaps the P·V of the previous; K and V stages
-// go back to the producer on "empty" mbarriers. The two consumer warpgroups run independently,
-// so one's softmax also overlaps the other's matrix products.
+// go back to the producer on "empty" mbarriers. The two consumer warpgroups take turns at the
+// tensor cores (ping-pong on named barriers), so one's softmax also overlaps the other's matrix
+// products.
 //
 // Tiling-mask, row packing of the GQA group, the grid order and the epilogue are the other
 // members' (prefill_tiles.h).
@@ -253,9 +254,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
       float acc_s[kBlockN / 2];
       Arch::fence_registers(acc_s);
       Arch::fence_registers(acc_o);
-      if constexpr (Traits::kAlternateWarpgroups) {
-        Arch::named_barrier_sync(Traits::kSchedulerBarrier + warpgroup, 256);  // our turn
-      }
+      Arch::named_barrier_sync(Traits::kSchedulerBarrier + warpgroup, 256);  // our turn
       Arch::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kQkSteps; ++kk) {
@@ -268,7 +267,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
       if constexpr (!kFirst) issue_pv(i - 1);
       // The other consumer's turn; the second one's last turn is nobody's cue (a named barrier
       // must not be left with arrivals when the CTA exits).
-      if (Traits::kAlternateWarpgroups && (warpgroup == 0 || i + 1 < num_tiles)) {
+      if (warpgroup == 0 || i + 1 < num_tiles) {
         Arch::named_barrier_arrive(Traits::kSchedulerBarrier + 1 - warpgroup, 256);
       }
       if constexpr (kFirst) {
@@ -371,7 +370,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& params,
     };
 
     // The first consumer takes the first turn.
-    if (Traits::kAlternateWarpgroups && warpgroup == 0) {
+    if (warpgroup == 0) {
       Arch::named_barrier_arrive(Traits::kSchedulerBarrier, 256);
     }
     // From the last visible tile down: partial tiles (masked) first, then full ones.

@@ -237,7 +237,6 @@ struct PrefillSm90Traits : PrefillTileShape<Element_, kHeadDim_, /*kBlockM=*/128
   // matrix products of the two consumers (FlashAttention-3's ping-pong): they take turns
   // issuing, so one's softmax runs while the other's wgmmas have the tensor cores.
   static constexpr int kSchedulerBarrier = 3;
-  static constexpr bool kAlternateWarpgroups = true;
 
   // The loader of prefill_tiles.h runs in the producer warpgroup only.
   static constexpr int kLoadThreads = 128;
